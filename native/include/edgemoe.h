@@ -1,0 +1,140 @@
+// edgemoe: an expert cache for Mixture-of-Experts models in llama.cpp.
+//
+// Experts are read on demand from the GGUF into a fixed pool of slots; the patched
+// llama.cpp graph asks the cache (through llama_expert_provider) to make each selected
+// expert resident and to translate expert ids into slot ids.
+//
+// Conventions: every function that can fail returns an int status (EDGEMOE_OK == 0);
+// edgemoe_last_error() then describes the failure of the calling thread. No C++
+// exception crosses this boundary.
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#    define EDGEMOE_API __declspec(dllexport)
+#else
+#    define EDGEMOE_API __attribute__((visibility("default")))
+#endif
+
+struct llama_context;
+struct ggml_tensor;
+
+typedef struct edgemoe_cache edgemoe_cache;
+
+enum edgemoe_status {
+    EDGEMOE_OK              = 0,
+    EDGEMOE_ERR_INVALID_ARG = 1, // bad option or argument
+    EDGEMOE_ERR_IO          = 2, // open/read failed
+    EDGEMOE_ERR_FORMAT      = 3, // not a GGUF, truncated, unsupported layout
+    EDGEMOE_ERR_BUDGET      = 4, // budget below the minimum (message names the minimum)
+    EDGEMOE_ERR_NO_EXPERTS  = 5, // the model has no routed expert tensors
+    EDGEMOE_ERR_NOMEM       = 6,
+    EDGEMOE_ERR_STATE       = 7, // call not valid in the current state
+};
+
+enum edgemoe_policy {
+    EDGEMOE_POLICY_DEFAULT = 0, // frequency with aging; see docs/cache.md for why
+    EDGEMOE_POLICY_LRU     = 1,
+    EDGEMOE_POLICY_LFU     = 2,
+    EDGEMOE_POLICY_BELADY  = 3, // needs future routes (edgemoe_cache_set_routes); else behaves as DEFAULT
+};
+
+enum edgemoe_io {
+    EDGEMOE_IO_DIRECT   = 0, // O_DIRECT pread into aligned buffers; falls back to BUFFERED with a notice
+    EDGEMOE_IO_BUFFERED = 1, // pread through the page cache
+    EDGEMOE_IO_MMAP     = 2, // memcpy from a private read-only mapping
+};
+
+typedef struct edgemoe_options {
+    int64_t budget_bytes;    // > 0: the slot pools' size in bytes
+    double  budget_fraction; // used when budget_bytes == 0: fraction of all expert bytes, (0, 1]
+    int32_t policy;          // enum edgemoe_policy
+    int32_t io;              // enum edgemoe_io
+    int32_t n_io_threads;    // 0: default (4)
+    bool    quiet;           // no notices on stderr
+} edgemoe_options;
+
+typedef struct edgemoe_stats {
+    uint64_t hits;            // expert uses served from a resident slot
+    uint64_t misses;          // expert uses that had to be loaded (or waited for)
+    uint64_t prefetch_hits;   // hits on slots filled by a prefetch and not yet used
+    uint64_t prefetch_wasted; // prefetched slots evicted before any use
+    uint64_t prefetch_issued;
+    uint64_t bytes_read;
+    double   read_ms;         // summed time of reads (all I/O threads)
+    double   stall_ms;        // time compute waited for experts
+} edgemoe_stats;
+
+typedef struct edgemoe_model_info {
+    int32_t n_layer;          // layers of the model
+    int32_t n_moe_layer;      // layers with routed experts
+    int32_t n_expert;
+    int32_t n_expert_used;
+    int32_t n_pools;          // distinct slot layouts (role types and shapes)
+    int64_t expert_bytes;     // all routed expert weights
+    int64_t non_expert_bytes; // every other tensor
+    int64_t slot_bytes_max;   // bytes of one expert (all roles), largest pool
+    int64_t min_budget_bytes; // what one token needs in every pool
+    int64_t data_alignment;   // alignment of the tensor data section
+    int32_t slices_aligned;   // 1 when every expert slice starts on a 4 KiB boundary
+} edgemoe_model_info;
+
+typedef struct edgemoe_cache_info {
+    int64_t budget_bytes;     // bytes actually given to the pools
+    int32_t n_slots;          // all pools
+    int32_t n_pools;
+    int32_t policy;           // the policy in use
+    int32_t io;               // the backing store in use (after a fallback)
+} edgemoe_cache_info;
+
+EDGEMOE_API const char * edgemoe_last_error(void);
+
+EDGEMOE_API edgemoe_options edgemoe_default_options(void);
+
+// Describes a GGUF's experts without loading it.
+EDGEMOE_API int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out);
+
+EDGEMOE_API int  edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, edgemoe_cache ** out);
+EDGEMOE_API void edgemoe_cache_free(edgemoe_cache * cache);
+
+// Attaches the cache to a context of the same model (NULL detaches). One context per cache.
+EDGEMOE_API int edgemoe_cache_attach(edgemoe_cache * cache, struct llama_context * ctx);
+
+EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out);
+
+// Asynchronous load hints; resident or in-flight experts are no-ops.
+EDGEMOE_API int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, const int32_t * experts, int32_t n);
+
+// Routes of the next n_tokens tokens for one layer ([n_tokens][k] expert ids). The graph
+// obeys them instead of its own top-k (router-decoupled models); BELADY uses them as the future.
+EDGEMOE_API int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k);
+EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
+
+// layer < 0: totals. Layers without experts report zeros.
+EDGEMOE_API int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out);
+EDGEMOE_API int edgemoe_cache_reset_stats(edgemoe_cache * cache);
+
+// Route recorder: an eval callback for llama_context_params.cb_eval that records the
+// expert ids every MoE layer selected (tensors named "ffn_moe_topk-<il>"), independent of
+// any cache. Rows are (layer, token index within that layer, k ids).
+typedef struct edgemoe_route_recorder edgemoe_route_recorder;
+
+EDGEMOE_API edgemoe_route_recorder * edgemoe_route_recorder_new(void);
+EDGEMOE_API void    edgemoe_route_recorder_free(edgemoe_route_recorder * rec);
+EDGEMOE_API bool    edgemoe_route_recorder_eval_cb(struct ggml_tensor * t, bool ask, void * rec);
+EDGEMOE_API void    edgemoe_route_recorder_clear(edgemoe_route_recorder * rec);
+EDGEMOE_API int32_t edgemoe_route_recorder_k(const edgemoe_route_recorder * rec); // 0 before the first record
+EDGEMOE_API int64_t edgemoe_route_recorder_count(const edgemoe_route_recorder * rec);
+// Copies up to cap_rows rows of (2 + k) int32 each; returns the number copied.
+EDGEMOE_API int64_t edgemoe_route_recorder_read(const edgemoe_route_recorder * rec, int32_t * out, int64_t cap_rows);
+
+#ifdef __cplusplus
+}
+#endif
