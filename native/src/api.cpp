@@ -1,0 +1,305 @@
+// The C API of edgemoe.h and the llama_expert_provider glue. No exception leaves this file.
+#include "edgemoe.h"
+#include "expert_cache.h"
+
+#include "llama.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <exception>
+#include <new>
+#include <string>
+
+using namespace edgemoe;
+
+struct edgemoe_cache {
+    std::unique_ptr<expert_cache> impl;
+    llama_expert_provider provider = {};
+    llama_context * ctx = nullptr;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+int fail(int status, const std::string & msg) {
+    g_last_error = msg;
+    return status;
+}
+
+// every entry point runs its body through this: exceptions become status codes
+template <typename F>
+int guarded(F && f) {
+    try {
+        return f();
+    } catch (const std::bad_alloc &) {
+        return fail(EDGEMOE_ERR_NOMEM, "out of memory");
+    } catch (const std::exception & e) {
+        return fail(EDGEMOE_ERR_STATE, e.what());
+    } catch (...) {
+        return fail(EDGEMOE_ERR_STATE, "unknown error");
+    }
+}
+
+expert_cache * cache_of(void * user) {
+    return static_cast<edgemoe_cache *>(user)->impl.get();
+}
+
+bool provider_bind(void * user, int32_t il, const ggml_tensor * up, const ggml_tensor * gate, const ggml_tensor * down,
+                   const ggml_tensor * gate_up, llama_expert_slots * out) {
+    ggml_tensor * slots[ROLE_COUNT] = {};
+    int32_t n_slots = 0;
+    void * unit = nullptr;
+    if (!cache_of(user)->bind(il, up, gate, down, gate_up, slots, &n_slots, &unit)) {
+        return false;
+    }
+    out->up      = slots[ROLE_UP];
+    out->gate    = slots[ROLE_GATE];
+    out->down    = slots[ROLE_DOWN];
+    out->gate_up = slots[ROLE_GATE_UP];
+    out->n_slots = n_slots;
+    out->unit    = unit;
+    return true;
+}
+
+void * provider_wave(void * user, void * unit, int32_t i, int32_t n) {
+    return cache_of(user)->wave(unit, i, n);
+}
+
+// ggml's CPU backend calls a custom op on every compute thread (n_tasks only sizes its work
+// buffer), so thread 0 does the work; the barrier after the node holds the others
+
+void op_route(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    const wave_ctx * unit = static_cast<const wave_ctx *>(userdata);
+    unit->cache->op_route(dst, unit->block);
+}
+
+void op_remap(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
+    w->cache->op_remap(dst, *w);
+}
+
+void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
+    w->cache->op_mask(dst, *w);
+}
+
+} // namespace
+
+extern "C" {
+
+const char * edgemoe_last_error(void) {
+    return g_last_error.c_str();
+}
+
+edgemoe_options edgemoe_default_options(void) {
+    edgemoe_options o;
+    o.budget_bytes    = 0;
+    o.budget_fraction = 1.0;
+    o.policy          = EDGEMOE_POLICY_DEFAULT;
+    o.io              = EDGEMOE_IO_DIRECT;
+    o.n_io_threads    = 0;
+    o.quiet           = false;
+    return o;
+}
+
+int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out) {
+    return guarded([&] {
+        if (!model_path || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "model_path and out are required");
+        }
+        model_layout l;
+        std::string err;
+        if (!read_model_layout(model_path, l, &err)) {
+            return fail(err.rfind("cannot open", 0) == 0 ? EDGEMOE_ERR_IO : EDGEMOE_ERR_FORMAT, err);
+        }
+        memset(out, 0, sizeof(*out));
+        out->n_layer          = l.n_layer;
+        out->n_moe_layer      = (int32_t) l.blocks.size();
+        out->n_expert         = l.n_expert;
+        out->n_expert_used    = l.n_expert_used;
+        out->expert_bytes     = (int64_t) l.expert_bytes;
+        out->non_expert_bytes = (int64_t) l.non_expert_bytes;
+        out->min_budget_bytes = (int64_t) l.min_budget_bytes();
+        out->data_alignment   = (int64_t) l.alignment;
+        out->slices_aligned   = l.blocks.empty() ? 0 : (l.slices_aligned(DIRECT_ALIGN) ? 1 : 0);
+        std::map<std::string, uint64_t> pools;
+        for (const auto & b : l.blocks) {
+            pools[b.signature()] = b.expert_bytes();
+        }
+        out->n_pools = (int32_t) pools.size();
+        for (const auto & p : pools) {
+            out->slot_bytes_max = std::max<int64_t>(out->slot_bytes_max, (int64_t) p.second);
+        }
+        return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, edgemoe_cache ** out) {
+    return guarded([&] {
+        if (!model_path || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "model_path and out are required");
+        }
+        *out = nullptr;
+        const edgemoe_options o = opts ? *opts : edgemoe_default_options();
+        cache_options co;
+        co.budget_bytes    = o.budget_bytes > 0 ? (uint64_t) o.budget_bytes : 0;
+        co.budget_fraction = o.budget_fraction;
+        co.n_io_threads    = o.n_io_threads;
+        co.quiet           = o.quiet;
+        switch (o.policy) {
+            case EDGEMOE_POLICY_DEFAULT: co.policy = policy_kind::freq_aged; break;
+            case EDGEMOE_POLICY_LRU:     co.policy = policy_kind::lru;       break;
+            case EDGEMOE_POLICY_LFU:     co.policy = policy_kind::lfu;       break;
+            case EDGEMOE_POLICY_BELADY:  co.policy = policy_kind::belady;    break;
+            default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown policy " + std::to_string(o.policy));
+        }
+        switch (o.io) {
+            case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
+            case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
+            case EDGEMOE_IO_MMAP:     co.io = io_kind::mmap;     break;
+            default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown io " + std::to_string(o.io));
+        }
+        if (o.budget_bytes < 0 || (o.budget_bytes == 0 && !(o.budget_fraction > 0.0 && o.budget_fraction <= 1.0))) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "budget must be bytes > 0 or a fraction in (0, 1]");
+        }
+        std::string err;
+        int status = EDGEMOE_OK;
+        auto impl = expert_cache::create(model_path, co, &err, &status);
+        if (!impl) {
+            return fail(status, err);
+        }
+        auto * c = new edgemoe_cache();
+        c->impl = std::move(impl);
+        c->provider.user      = c;
+        c->provider.bind      = provider_bind;
+        c->provider.wave      = provider_wave;
+        c->provider.route     = op_route;
+        c->provider.remap     = op_remap;
+        c->provider.mask      = op_mask;
+        c->provider.max_waves = c->impl->max_waves();
+        *out = c;
+        return (int) EDGEMOE_OK;
+    });
+}
+
+void edgemoe_cache_free(edgemoe_cache * cache) {
+    if (!cache) {
+        return;
+    }
+    try {
+        if (cache->ctx) {
+            llama_set_expert_provider(cache->ctx, nullptr);
+        }
+        delete cache;
+    } catch (...) {
+    }
+}
+
+int edgemoe_cache_attach(edgemoe_cache * cache, llama_context * ctx) {
+    return guarded([&] {
+        if (!cache) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache is NULL");
+        }
+        if (cache->ctx && ctx && cache->ctx != ctx) {
+            return fail(EDGEMOE_ERR_STATE, "the cache is attached to another context");
+        }
+        if (cache->ctx && !ctx) {
+            llama_set_expert_provider(cache->ctx, nullptr);
+        }
+        cache->ctx = ctx;
+        if (ctx) {
+            llama_set_expert_provider(ctx, &cache->provider);
+        }
+        return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out) {
+    return guarded([&] {
+        if (!cache || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache and out are required");
+        }
+        out->budget_bytes = (int64_t) cache->impl->budget_bytes();
+        out->n_slots      = cache->impl->n_slots_total();
+        out->n_pools      = cache->impl->n_pools();
+        out->policy       = (int32_t) cache->impl->policy();
+        out->io           = (int32_t) cache->impl->io();
+        return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, const int32_t * experts, int32_t n) {
+    return guarded([&] {
+        if (!cache || (n > 0 && !experts) || n < 0) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "invalid prefetch arguments");
+        }
+        std::string err;
+        const int st = cache->impl->prefetch(layer, experts, n, &err);
+        return st == EDGEMOE_OK ? st : fail(st, err);
+    });
+}
+
+int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k) {
+    return guarded([&] {
+        if (!cache || !ids || n_tokens <= 0 || k <= 0) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "invalid route arguments");
+        }
+        std::string err;
+        const int st = cache->impl->set_routes(layer, ids, n_tokens, k, &err);
+        return st == EDGEMOE_OK ? st : fail(st, err);
+    });
+}
+
+int edgemoe_cache_clear_routes(edgemoe_cache * cache) {
+    return guarded([&] {
+        if (!cache) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache is NULL");
+        }
+        cache->impl->clear_routes();
+        return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out) {
+    return guarded([&] {
+        if (!cache || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache and out are required");
+        }
+        const layer_stats s = cache->impl->stats(layer);
+        out->hits            = s.hits;
+        out->misses          = s.misses;
+        out->prefetch_hits   = s.prefetch_hits;
+        out->prefetch_wasted = s.prefetch_wasted;
+        out->prefetch_issued = s.prefetch_issued;
+        out->bytes_read      = s.bytes_read;
+        out->read_ms         = s.read_ms;
+        out->stall_ms        = s.stall_ms;
+        return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_reset_stats(edgemoe_cache * cache) {
+    return guarded([&] {
+        if (!cache) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache is NULL");
+        }
+        cache->impl->reset_stats();
+        return (int) EDGEMOE_OK;
+    });
+}
+
+} // extern "C"

@@ -1,0 +1,687 @@
+#include "expert_cache.h"
+
+#include "edgemoe.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sys/mman.h>
+
+namespace edgemoe {
+
+namespace {
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string human_bytes(uint64_t n) {
+    char buf[64];
+    if (n >= (1ull << 30)) {
+        snprintf(buf, sizeof(buf), "%.2f GiB", n/1073741824.0);
+    } else if (n >= (1ull << 20)) {
+        snprintf(buf, sizeof(buf), "%.1f MiB", n/1048576.0);
+    } else {
+        snprintf(buf, sizeof(buf), "%" PRIu64 " bytes", n);
+    }
+    return buf;
+}
+
+[[noreturn]] void fatal(const std::string & msg) {
+    // a failed expert read cannot be reported through the graph: computing on would be wrong
+    fprintf(stderr, "edgemoe: fatal: %s\n", msg.c_str());
+    fflush(stderr);
+    abort();
+}
+
+} // namespace
+
+void layer_stats::add(const layer_stats & o) {
+    hits += o.hits;
+    misses += o.misses;
+    prefetch_hits += o.prefetch_hits;
+    prefetch_wasted += o.prefetch_wasted;
+    prefetch_issued += o.prefetch_issued;
+    bytes_read += o.bytes_read;
+    read_ms += o.read_ms;
+    stall_ms += o.stall_ms;
+}
+
+std::unique_ptr<expert_cache> expert_cache::create(const std::string & path, const cache_options & opts, std::string * err, int * status) {
+    std::unique_ptr<expert_cache> c(new expert_cache());
+    if (!c->init(path, opts, err, status)) {
+        return nullptr;
+    }
+    return c;
+}
+
+expert_cache::~expert_cache() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        stop_ = true;
+    }
+    cv_jobs_.notify_all();
+    for (auto & t : threads_) {
+        t.join();
+    }
+    for (auto * b : buffers_) {
+        ggml_backend_buffer_free(b);
+    }
+    for (auto & m : mem_) {
+        munmap(m.first, m.second);
+    }
+    if (meta_) {
+        ggml_free(meta_);
+    }
+}
+
+bool expert_cache::init(const std::string & path, const cache_options & opts, std::string * err, int * status) {
+    opts_ = opts;
+    *status = EDGEMOE_ERR_FORMAT;
+    if (!read_model_layout(path, layout_, err)) {
+        *status = err->rfind("cannot open", 0) == 0 ? EDGEMOE_ERR_IO : EDGEMOE_ERR_FORMAT;
+        return false;
+    }
+    if (layout_.blocks.empty()) {
+        *status = EDGEMOE_ERR_NO_EXPERTS;
+        *err = path + " has no routed expert tensors";
+        return false;
+    }
+
+    // blocks sharing a signature share a pool: one slot holds every role of one expert
+    std::map<std::string, int32_t> pool_of;
+    std::vector<int32_t> blocks_in_pool;
+    for (const auto & b : layout_.blocks) {
+        const std::string sig = b.signature();
+        auto it = pool_of.find(sig);
+        if (it == pool_of.end()) {
+            it = pool_of.emplace(sig, (int32_t) pools_.size()).first;
+            pools_.emplace_back();
+            pools_.back().signature  = sig;
+            pools_.back().slot_bytes = b.expert_bytes();
+            blocks_in_pool.push_back(0);
+        }
+        blocks_in_pool[it->second]++;
+        block bl;
+        bl.layer = b.layer;
+        bl.pool  = it->second;
+        bl.slot_of.assign(layout_.n_expert, -1);
+        bl.expert_rank.assign(layout_.n_expert, -1);
+        bl.unit.reset(new wave_ctx{ this, (int32_t) blocks_.size(), -1, 0 });
+        blocks_.push_back(std::move(bl));
+    }
+
+    const int32_t k = layout_.n_expert_used;
+    const uint64_t min_bytes = layout_.min_budget_bytes();
+    double fraction = opts.budget_fraction;
+    if (opts.budget_bytes > 0) {
+        fraction = (double) opts.budget_bytes/(double) layout_.expert_bytes;
+    }
+    if (!(fraction > 0.0)) {
+        *status = EDGEMOE_ERR_INVALID_ARG;
+        *err = "expert cache budget must be positive";
+        return false;
+    }
+    fraction = std::min(fraction, 1.0);
+    const uint64_t asked = opts.budget_bytes > 0 ? (uint64_t) opts.budget_bytes : (uint64_t) (fraction*layout_.expert_bytes);
+    if (asked < min_bytes) {
+        *status = EDGEMOE_ERR_BUDGET;
+        *err = "expert cache budget " + human_bytes(asked) + " is below the minimum " + human_bytes(min_bytes) +
+               " (" + std::to_string(min_bytes) + " bytes: top-" + std::to_string(k) + " experts in each of " +
+               std::to_string(pools_.size()) + " pool" + (pools_.size() == 1 ? "" : "s") + ")";
+        return false;
+    }
+
+    // the same fraction of every pool's experts, never fewer than one token's top-k
+    budget_bytes_ = 0;
+    for (size_t i = 0; i < pools_.size(); ++i) {
+        pool & p = pools_[i];
+        const int64_t all = (int64_t) blocks_in_pool[i]*layout_.n_expert;
+        int64_t n = (int64_t) std::floor(fraction*(double) all + 1e-9);
+        n = std::max<int64_t>(n, k);
+        n = std::min<int64_t>(n, all);
+        p.n_slots = (int32_t) n;
+        budget_bytes_ += (uint64_t) n*p.slot_bytes;
+    }
+
+    std::string notice;
+    if (!store_.open(path, opts.io, err, &notice)) {
+        *status = EDGEMOE_ERR_IO;
+        return false;
+    }
+    if (!notice.empty() && !opts.quiet) {
+        fprintf(stderr, "edgemoe: %s\n", notice.c_str());
+    }
+
+    ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead()*(pools_.size()*ROLE_COUNT + 1), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    meta_ = ggml_init(ip);
+    if (!meta_) {
+        *status = EDGEMOE_ERR_NOMEM;
+        *err = "cannot create the pool metadata";
+        return false;
+    }
+
+    double half_life = 0.0;
+    for (size_t i = 0; i < pools_.size(); ++i) {
+        pool & p = pools_[i];
+        const moe_block * proto = nullptr;
+        for (size_t b = 0; b < blocks_.size(); ++b) {
+            if (blocks_[b].pool == (int32_t) i) {
+                proto = &layout_.blocks[b];
+                break;
+            }
+        }
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            const role_tensor & rt = proto->roles[r];
+            if (!rt.present) {
+                continue;
+            }
+            ggml_tensor * t = ggml_new_tensor_3d(meta_, rt.type, rt.ne0, rt.ne1, p.n_slots);
+            char name[GGML_MAX_NAME];
+            snprintf(name, sizeof(name), "edgemoe.slots.%zu.%s", i, role_name(r));
+            ggml_set_name(t, name);
+            GGML_ASSERT((uint64_t) t->nb[2] == rt.slice_bytes);
+
+            // anonymous pages: zero (so masked matmul lanes stay finite) and page aligned
+            const size_t bytes = std::max<size_t>(ggml_nbytes(t), DIRECT_ALIGN);
+            void * mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (mem == MAP_FAILED) {
+                *status = EDGEMOE_ERR_NOMEM;
+                *err = "cannot allocate " + human_bytes(bytes) + " for the expert pool";
+                return false;
+            }
+            mem_.emplace_back(mem, bytes);
+            ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(mem, bytes);
+            if (!buf) {
+                *status = EDGEMOE_ERR_NOMEM;
+                *err = "cannot wrap the expert pool in a backend buffer";
+                return false;
+            }
+            ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+            buffers_.push_back(buf);
+            if (ggml_backend_tensor_alloc(buf, t, mem) != GGML_STATUS_SUCCESS) {
+                *status = EDGEMOE_ERR_NOMEM;
+                *err = "cannot place the expert pool tensor";
+                return false;
+            }
+            p.tensors[r] = t;
+            p.base[r]    = (uint8_t *) mem;
+            p.slice[r]   = rt.slice_bytes;
+        }
+        p.slots.assign(p.n_slots, slot());
+        p.candidates.reserve(p.n_slots);
+        // aging over about 16 tokens' worth of steps of this pool's blocks
+        half_life = 16.0*(double) blocks_in_pool[i];
+        p.pol = make_policy(opts.policy, p.n_slots, (int32_t) blocks_.size(), layout_.n_expert, half_life);
+    }
+
+    layer_block_.assign(std::max<int32_t>(layout_.n_layer, layout_.blocks.back().layer + 1), -1);
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+        layer_block_[blocks_[b].layer] = (int32_t) b;
+    }
+    stats_.assign(layer_block_.size(), layer_stats());
+
+    const int n_threads = opts.n_io_threads > 0 ? opts.n_io_threads : 4;
+    for (int i = 0; i < n_threads; ++i) {
+        threads_.emplace_back([this] { io_worker(); });
+    }
+    *status = EDGEMOE_OK;
+    return true;
+}
+
+int32_t expert_cache::n_slots_total() const {
+    int32_t n = 0;
+    for (const auto & p : pools_) {
+        n += p.n_slots;
+    }
+    return n;
+}
+
+int32_t expert_cache::max_waves() const {
+    int32_t min_slots = std::numeric_limits<int32_t>::max();
+    for (const auto & p : pools_) {
+        min_slots = std::min(min_slots, p.n_slots);
+    }
+    return (layout_.n_expert + min_slots - 1)/min_slots;
+}
+
+int32_t expert_cache::block_of_layer(int32_t layer) const {
+    return layer >= 0 && layer < (int32_t) layer_block_.size() ? layer_block_[layer] : -1;
+}
+
+bool expert_cache::bind(int32_t il, const ggml_tensor * up, const ggml_tensor * gate, const ggml_tensor * down,
+                        const ggml_tensor * gate_up, ggml_tensor ** slots, int32_t * n_slots, void ** unit) {
+    const int32_t b = block_of_layer(il);
+    if (b < 0) {
+        return false;
+    }
+    const moe_block & mb = layout_.blocks[b];
+    const ggml_tensor * given[ROLE_COUNT] = { up, gate, down, gate_up };
+    for (int r = 0; r < ROLE_COUNT; ++r) {
+        const role_tensor & rt = mb.roles[r];
+        // serve only the tensors this layout describes; anything else stays stock
+        if (rt.present != (given[r] != nullptr)) {
+            return false;
+        }
+        if (rt.present && (given[r]->type != rt.type || given[r]->ne[0] != rt.ne0 || given[r]->ne[1] != rt.ne1 ||
+                           given[r]->ne[2] != layout_.n_expert || strcmp(given[r]->name, rt.name.c_str()) != 0)) {
+            return false;
+        }
+    }
+    pool & p = pools_[blocks_[b].pool];
+    for (int r = 0; r < ROLE_COUNT; ++r) {
+        slots[r] = p.tensors[r];
+    }
+    *n_slots = p.n_slots;
+    *unit = blocks_[b].unit.get();
+    return true;
+}
+
+void * expert_cache::wave(void * unit, int32_t i, int32_t n) {
+    const int32_t b = unit ? static_cast<const wave_ctx *>(unit)->block : -1;
+    if (b < 0 || b >= (int32_t) blocks_.size()) {
+        return nullptr;
+    }
+    auto & waves = blocks_[b].waves;
+    auto it = waves.find({ i, n });
+    if (it == waves.end()) {
+        it = waves.emplace(std::make_pair(i, n), std::unique_ptr<wave_ctx>(new wave_ctx{ this, b, i, n })).first;
+    }
+    return it->second.get();
+}
+
+void expert_cache::op_route(ggml_tensor * dst, int32_t b) {
+    const ggml_tensor * src = dst->src[0];
+    const int64_t k = src->ne[0];
+    const int64_t n_tokens = src->ne[1];
+    int32_t * out = (int32_t *) dst->data;
+
+    std::lock_guard<std::mutex> lock(mu_);
+    block & bl = blocks_[b];
+    if (bl.routes_k == k && (int64_t) bl.routes.size() >= k*n_tokens) {
+        for (int64_t i = 0; i < k*n_tokens; ++i) {
+            out[i] = bl.routes.front();
+            bl.routes.pop_front();
+        }
+        return;
+    }
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const int32_t * row = (const int32_t *) ((const char *) src->data + t*src->nb[1]);
+        for (int64_t j = 0; j < k; ++j) {
+            out[t*k + j] = row[j*src->nb[0]/sizeof(int32_t)];
+        }
+    }
+}
+
+int64_t expert_cache::next_use(expert_key key) const {
+    // distance in (token, block) steps to the next known use
+    const int32_t b = key_block(key);
+    const int32_t e = key_expert(key);
+    const block & bl = blocks_[b];
+    if (bl.routes_k <= 0) {
+        return std::numeric_limits<int64_t>::max();
+    }
+    const int64_t n = (int64_t) bl.routes.size();
+    for (int64_t i = 0; i < n; ++i) {
+        if (bl.routes[i] == e) {
+            return (i/bl.routes_k)*(int64_t) blocks_.size() + b;
+        }
+    }
+    return std::numeric_limits<int64_t>::max();
+}
+
+void expert_cache::evict(pool & p, int32_t s) {
+    slot & sl = p.slots[s];
+    if (sl.state == SLOT_EMPTY) {
+        return;
+    }
+    const int32_t b = key_block(sl.key);
+    blocks_[b].slot_of[key_expert(sl.key)] = -1;
+    if (sl.prefetched) {
+        stats_[blocks_[b].layer].prefetch_wasted++;
+    }
+    p.pol->on_evict(s);
+    sl = slot();
+}
+
+int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
+    p.candidates.clear();
+    for (int32_t s = 0; s < p.n_slots; ++s) {
+        const slot & sl = p.slots[s];
+        if (sl.state == SLOT_EMPTY) {
+            return s;
+        }
+        if (sl.state == SLOT_READY && sl.pin < now) {
+            // a prefetch never displaces another prefetch that is still unused
+            if (for_prefetch && sl.prefetched) {
+                continue;
+            }
+            p.candidates.push_back(s);
+        }
+    }
+    if (p.candidates.empty()) {
+        return -1;
+    }
+    bool known_future = false;
+    for (const auto & bl : blocks_) {
+        known_future |= bl.routes_k > 0 && !bl.routes.empty();
+    }
+    next_use_fn nu;
+    if (known_future && opts_.policy == policy_kind::belady) {
+        nu = [this](expert_key key) { return next_use(key); };
+    }
+    const int32_t v = p.pol->victim(p.candidates, now, nu);
+    evict(p, v);
+    return v;
+}
+
+void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
+    const ggml_tensor * ids = dst->src[0];
+    const int64_t k = ids->ne[0];
+    const int64_t n_tokens = ids->ne[1];
+    const int64_t n_pairs = k*n_tokens;
+    const int32_t * sel = (const int32_t *) ids->data; // the route op's contiguous output
+    int32_t * out = (int32_t *) dst->data;
+
+    const auto t0 = std::chrono::steady_clock::now();
+    std::unique_lock<std::mutex> lock(mu_);
+    block & bl = blocks_[w.block];
+    pool & p = pools_[bl.pool];
+    layer_stats & st = stats_[bl.layer];
+    const uint64_t now = ++step_;
+
+    if (w.index == 0) {
+        // fix the partition of this ubatch: resident experts first, so that a split ubatch
+        // does not evict in one wave what a later wave finds resident
+        for (int32_t e : bl.distinct) {
+            bl.expert_rank[e] = -1;
+        }
+        bl.distinct.clear();
+        bl.uses.clear();
+        for (int64_t i = 0; i < n_pairs; ++i) {
+            const int32_t e = sel[i];
+            if (e < 0 || e >= layout_.n_expert) {
+                fatal("expert id " + std::to_string(e) + " out of range in layer " + std::to_string(bl.layer));
+            }
+            if (bl.expert_rank[e] < 0) {
+                bl.expert_rank[e] = (int32_t) bl.distinct.size();
+                bl.distinct.push_back(e);
+                bl.uses.push_back(0);
+            }
+            bl.uses[bl.expert_rank[e]]++;
+        }
+        if ((int64_t) bl.distinct.size() > (int64_t) p.n_slots*w.count) {
+            fatal("internal: more distinct experts than the waves can hold");
+        }
+        std::vector<int32_t> & d = bl.distinct;
+        auto & order = bl.order;
+        order.clear();
+        for (size_t i = 0; i < d.size(); ++i) {
+            const bool resident = bl.slot_of[d[i]] >= 0;
+            order.emplace_back(resident ? 0 : 1, d[i]);
+        }
+        if (w.count > 1) {
+            std::sort(order.begin(), order.end());
+        }
+        auto & uses = bl.uses_sorted;
+        uses.resize(d.size());
+        for (size_t i = 0; i < order.size(); ++i) {
+            const int32_t e = order[i].second;
+            uses[i] = bl.uses[bl.expert_rank[e]];
+            d[i] = e;
+        }
+        for (size_t i = 0; i < d.size(); ++i) {
+            bl.expert_rank[d[i]] = (int32_t) i;
+        }
+        bl.uses.swap(uses);
+        bl.pair_wave.resize(n_pairs);
+        for (int64_t i = 0; i < n_pairs; ++i) {
+            bl.pair_wave[i] = bl.expert_rank[sel[i]]/p.n_slots;
+        }
+    }
+
+    const int64_t first = (int64_t) w.index*p.n_slots;
+    const int64_t last  = std::min<int64_t>(first + p.n_slots, (int64_t) bl.distinct.size());
+
+    // pin what is resident, claim slots for the rest, then queue the loads
+    int32_t n_queued = 0;
+    for (int64_t i = first; i < last; ++i) {
+        const int32_t e = bl.distinct[i];
+        const int32_t s = bl.slot_of[e];
+        if (s >= 0) {
+            p.slots[s].pin = now;
+        }
+    }
+    for (int64_t i = first; i < last; ++i) {
+        const int32_t e = bl.distinct[i];
+        const int32_t uses = bl.uses[i];
+        int32_t s = bl.slot_of[e];
+        if (s >= 0) {
+            slot & sl = p.slots[s];
+            st.hits += uses;
+            if (sl.prefetched) {
+                st.prefetch_hits++;
+                sl.prefetched = false;
+            }
+            p.pol->on_use(s, sl.key, now);
+            continue;
+        }
+        while ((s = acquire_slot(p, now, false)) < 0) {
+            // every other slot is pinned or being filled by a prefetch: wait for a fill
+            bool loading = false;
+            for (const auto & o : p.slots) {
+                loading |= o.state == SLOT_LOADING;
+            }
+            if (!loading) {
+                fatal("internal: no evictable slot in layer " + std::to_string(bl.layer));
+            }
+            cv_done_.wait(lock);
+        }
+        if (bl.slot_of[e] >= 0) {
+            // a concurrent prefetch claimed it while we waited: give the slot back
+            p.slots[s] = slot();
+            s = bl.slot_of[e];
+            p.slots[s].pin = now;
+            st.hits += uses;
+            continue;
+        }
+        slot & sl = p.slots[s];
+        sl.key   = make_key(w.block, e);
+        sl.state = SLOT_LOADING;
+        sl.pin   = now;
+        bl.slot_of[e] = s;
+        p.pol->on_fill(s, sl.key, now);
+        p.pol->on_use(s, sl.key, now);
+        st.misses += 1;
+        st.hits   += uses - 1;
+        jobs_.push_back(io_job{ bl.pool, s, w.block, e });
+        n_queued++;
+    }
+    if (n_queued > 0) {
+        cv_jobs_.notify_all();
+    }
+
+    // wait for this wave's loads, queued here or by a prefetch
+    for (int64_t i = first; i < last; ++i) {
+        const int32_t s = bl.slot_of[bl.distinct[i]];
+        cv_done_.wait(lock, [&] { return p.slots[s].state == SLOT_READY || p.slots[s].failed; });
+        if (p.slots[s].failed) {
+            fatal(io_error_);
+        }
+    }
+
+    // slot ids; pairs of other waves point at any slot and are masked out
+    const int32_t any = last > first ? bl.slot_of[bl.distinct[first]] : 0;
+    for (int64_t i = 0; i < n_pairs; ++i) {
+        const int32_t r = bl.expert_rank[sel[i]];
+        out[i] = (r >= first && r < last) ? bl.slot_of[sel[i]] : any;
+    }
+    st.stall_ms += ms_since(t0);
+}
+
+void expert_cache::op_mask(ggml_tensor * dst, const wave_ctx & w) {
+    const int64_t n_pairs = ggml_nelements(dst);
+    float * out = (float *) dst->data;
+    std::lock_guard<std::mutex> lock(mu_);
+    const block & bl = blocks_[w.block];
+    for (int64_t i = 0; i < n_pairs; ++i) {
+        out[i] = bl.pair_wave[i] == w.index ? 1.0f : 0.0f;
+    }
+}
+
+void expert_cache::io_worker() {
+    size_t bounce_size = 0;
+    for (const auto & p : pools_) {
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            bounce_size = std::max<size_t>(bounce_size, backing_store::bounce_size_for(p.slice[r]));
+        }
+    }
+    void * bounce = nullptr;
+    if (store_.kind() == io_kind::direct && posix_memalign(&bounce, DIRECT_ALIGN, bounce_size) != 0) {
+        bounce = nullptr;
+    }
+    for (;;) {
+        io_job job;
+        {
+            std::unique_lock<std::mutex> lock(mu_);
+            cv_jobs_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+            if (stop_) {
+                break;
+            }
+            job = jobs_.front();
+            jobs_.pop_front();
+        }
+        load(job, bounce, bounce ? bounce_size : 0);
+    }
+    free(bounce);
+}
+
+void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
+    const moe_block & mb = layout_.blocks[job.block];
+    pool & p = pools_[job.pool];
+    const auto t0 = std::chrono::steady_clock::now();
+    uint64_t bytes = 0;
+    std::string err;
+    bool ok = true;
+    for (int r = 0; r < ROLE_COUNT && ok; ++r) {
+        const role_tensor & rt = mb.roles[r];
+        if (!rt.present) {
+            continue;
+        }
+        uint8_t * dst = p.base[r] + (uint64_t) job.slot*p.slice[r];
+        ok = store_.read(dst, rt.file_offset + (uint64_t) job.expert*rt.slice_bytes, rt.slice_bytes, bounce, bounce_size, &err);
+        bytes += rt.slice_bytes;
+    }
+    const double ms = ms_since(t0);
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        slot & sl = p.slots[job.slot];
+        layer_stats & st = stats_[mb.layer];
+        st.read_ms += ms;
+        if (ok) {
+            st.bytes_read += bytes;
+            sl.state = SLOT_READY;
+        } else {
+            sl.failed = true;
+            io_error_ = err;
+        }
+    }
+    cv_done_.notify_all();
+}
+
+int expert_cache::prefetch(int32_t layer, const int32_t * experts, int32_t n, std::string * err) {
+    const int32_t b = block_of_layer(layer);
+    if (b < 0) {
+        *err = "layer " + std::to_string(layer) + " has no routed experts";
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    block & bl = blocks_[b];
+    pool & p = pools_[bl.pool];
+    int32_t n_queued = 0;
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t e = experts[i];
+        if (e < 0 || e >= layout_.n_expert) {
+            *err = "expert id " + std::to_string(e) + " out of range";
+            return EDGEMOE_ERR_INVALID_ARG;
+        }
+        if (bl.slot_of[e] >= 0) {
+            continue; // resident or in flight
+        }
+        // slots pinned by the step in progress (pin == step_) are not candidates
+        const int32_t s = acquire_slot(p, step_, true);
+        if (s < 0) {
+            break; // everything else is pinned or waiting to be used: drop the hint
+        }
+        slot & sl = p.slots[s];
+        sl.key = make_key(b, e);
+        sl.state = SLOT_LOADING;
+        sl.prefetched = true;
+        bl.slot_of[e] = s;
+        p.pol->on_fill(s, sl.key, step_);
+        stats_[bl.layer].prefetch_issued++;
+        jobs_.push_back(io_job{ bl.pool, s, b, e });
+        n_queued++;
+    }
+    if (n_queued > 0) {
+        cv_jobs_.notify_all();
+    }
+    return EDGEMOE_OK;
+}
+
+int expert_cache::set_routes(int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k, std::string * err) {
+    const int32_t b = block_of_layer(layer);
+    if (b < 0) {
+        *err = "layer " + std::to_string(layer) + " has no routed experts";
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    if (k != layout_.n_expert_used) {
+        *err = "routes give " + std::to_string(k) + " experts per token, the model uses " + std::to_string(layout_.n_expert_used);
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    for (int64_t i = 0; i < (int64_t) n_tokens*k; ++i) {
+        if (ids[i] < 0 || ids[i] >= layout_.n_expert) {
+            *err = "expert id " + std::to_string(ids[i]) + " out of range";
+            return EDGEMOE_ERR_INVALID_ARG;
+        }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    block & bl = blocks_[b];
+    bl.routes_k = k;
+    bl.routes.insert(bl.routes.end(), ids, ids + (int64_t) n_tokens*k);
+    return EDGEMOE_OK;
+}
+
+void expert_cache::clear_routes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto & bl : blocks_) {
+        bl.routes.clear();
+        bl.routes_k = 0;
+    }
+}
+
+layer_stats expert_cache::stats(int32_t layer) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (layer >= 0) {
+        return layer < (int32_t) stats_.size() ? stats_[layer] : layer_stats();
+    }
+    layer_stats total;
+    for (const auto & s : stats_) {
+        total.add(s);
+    }
+    return total;
+}
+
+void expert_cache::reset_stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto & s : stats_) {
+        s = layer_stats();
+    }
+}
+
+} // namespace edgemoe

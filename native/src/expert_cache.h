@@ -1,0 +1,165 @@
+// The expert cache: slot pools shared by the MoE blocks of one layout, an eviction policy per
+// pool, an in-flight table and I/O threads. The patched llama.cpp graph calls it through the
+// llama_expert_provider callbacks (see provider.cpp).
+#pragma once
+
+#include "backing_store.h"
+#include "model_layout.h"
+#include "policy.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace edgemoe {
+
+struct cache_options {
+    uint64_t    budget_bytes    = 0;   // > 0 wins over budget_fraction
+    double      budget_fraction = 1.0;
+    policy_kind policy          = policy_kind::freq_aged;
+    io_kind     io              = io_kind::direct;
+    int         n_io_threads    = 4;
+    bool        quiet           = false;
+};
+
+struct layer_stats {
+    uint64_t hits = 0, misses = 0, prefetch_hits = 0, prefetch_wasted = 0, prefetch_issued = 0, bytes_read = 0;
+    double   read_ms = 0.0, stall_ms = 0.0;
+
+    void add(const layer_stats & o);
+};
+
+class expert_cache;
+
+// one wave of one block: the custom ops' userdata
+struct wave_ctx {
+    expert_cache * cache;
+    int32_t block;
+    int32_t index;
+    int32_t count;
+};
+
+class expert_cache {
+public:
+    ~expert_cache();
+
+    static std::unique_ptr<expert_cache> create(const std::string & path, const cache_options & opts, std::string * err, int * status);
+
+    const model_layout & layout() const { return layout_; }
+    uint64_t budget_bytes() const { return budget_bytes_; }
+    int32_t  n_slots_total() const;
+    int32_t  n_pools() const { return (int32_t) pools_.size(); }
+    io_kind  io() const { return store_.kind(); }
+    policy_kind policy() const { return opts_.policy; }
+    int32_t  max_waves() const;
+
+    // graph build (llama_expert_provider::bind / ::wave)
+    bool   bind(int32_t il, const ggml_tensor * up, const ggml_tensor * gate, const ggml_tensor * down,
+                const ggml_tensor * gate_up, ggml_tensor ** slots, int32_t * n_slots, void ** unit);
+    void * wave(void * unit, int32_t i, int32_t n);
+
+    // graph compute (custom ops, one thread)
+    void op_route(ggml_tensor * dst, int32_t block);
+    void op_remap(ggml_tensor * dst, const wave_ctx & w);
+    void op_mask(ggml_tensor * dst, const wave_ctx & w);
+
+    int  prefetch(int32_t layer, const int32_t * experts, int32_t n, std::string * err);
+    int  set_routes(int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k, std::string * err);
+    void clear_routes();
+
+    layer_stats stats(int32_t layer) const; // layer < 0: total
+    void reset_stats();
+
+private:
+    enum slot_state : uint8_t { SLOT_EMPTY, SLOT_LOADING, SLOT_READY };
+
+    struct slot {
+        expert_key key   = 0;
+        slot_state state = SLOT_EMPTY;
+        uint64_t   pin   = 0;     // step that pinned it; evictable when below the current step
+        bool       prefetched = false; // filled by a prefetch and not used yet
+        bool       failed = false;
+    };
+
+    struct pool {
+        std::string signature;
+        int32_t n_slots = 0;
+        uint64_t slot_bytes = 0;
+        std::array<ggml_tensor *, ROLE_COUNT> tensors {};
+        std::array<uint8_t *, ROLE_COUNT> base {};
+        std::array<uint64_t, ROLE_COUNT> slice {};
+        std::vector<slot> slots;
+        std::unique_ptr<edgemoe::policy> pol;
+        std::vector<int32_t> candidates; // scratch
+    };
+
+    struct block {
+        int32_t layer = -1;
+        int32_t pool  = -1;
+        std::vector<int32_t> slot_of;            // expert -> slot or -1
+        std::unique_ptr<wave_ctx> unit;          // the block's handle in the graph (route op userdata)
+        std::map<std::pair<int32_t, int32_t>, std::unique_ptr<wave_ctx>> waves;
+        // the partition of the current ubatch, fixed by wave 0
+        std::vector<int32_t> distinct;           // experts, wave order
+        std::vector<int32_t> uses;               // per distinct expert
+        std::vector<int32_t> pair_wave;          // per (token, k) pair
+        std::vector<int32_t> expert_rank;        // expert -> index in distinct or -1
+        std::vector<std::pair<int, int32_t>> order; // scratch
+        std::vector<int32_t> uses_sorted;        // scratch
+        std::deque<int32_t> routes;              // external routes, k per token
+        int32_t routes_k = 0;
+    };
+
+    struct io_job {
+        int32_t pool;
+        int32_t slot;
+        int32_t block;
+        int32_t expert;
+    };
+
+    expert_cache() = default;
+
+    bool init(const std::string & path, const cache_options & opts, std::string * err, int * status);
+    int32_t acquire_slot(pool & p, uint64_t now, bool for_prefetch); // under mu_
+    void    evict(pool & p, int32_t s);                            // under mu_
+    void    io_worker();
+    void    load(const io_job & job, void * bounce, size_t bounce_size);
+    int64_t next_use(expert_key key) const;                        // under mu_
+    int32_t block_of_layer(int32_t layer) const;
+
+    cache_options opts_;
+    model_layout  layout_;
+    backing_store store_;
+    uint64_t      budget_bytes_ = 0;
+
+    std::vector<pool>  pools_;
+    std::vector<block> blocks_;
+    std::vector<int32_t> layer_block_;  // layer -> block or -1
+
+    ggml_context *         meta_ = nullptr;
+    std::vector<ggml_backend_buffer_t> buffers_;
+    std::vector<std::pair<void *, size_t>> mem_; // anonymous mappings behind the pools
+
+    mutable std::mutex      mu_;
+    std::condition_variable cv_done_;   // a load finished
+    std::condition_variable cv_jobs_;   // a job queued or stop
+    std::deque<io_job>      jobs_;
+    std::vector<std::thread> threads_;
+    bool stop_ = false;
+    std::string io_error_;
+
+    uint64_t step_ = 1; // advances per remap; pins and policy clocks use it
+    std::vector<layer_stats> stats_; // per layer
+};
+
+} // namespace edgemoe

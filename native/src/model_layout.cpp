@@ -1,0 +1,215 @@
+#include "model_layout.h"
+
+#include "gguf.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <set>
+#include <sys/stat.h>
+
+namespace edgemoe {
+
+const char * role_name(int r) {
+    static const char * names[ROLE_COUNT] = { "up", "gate", "down", "gate_up" };
+    return r >= 0 && r < ROLE_COUNT ? names[r] : "?";
+}
+
+uint64_t moe_block::expert_bytes() const {
+    uint64_t n = 0;
+    for (const auto & r : roles) {
+        n += r.present ? r.slice_bytes : 0;
+    }
+    return n;
+}
+
+std::string moe_block::signature() const {
+    std::string s;
+    for (int i = 0; i < ROLE_COUNT; ++i) {
+        const auto & r = roles[i];
+        char buf[96];
+        snprintf(buf, sizeof(buf), "%s:%s:%lld:%lld;", role_name(i), r.present ? ggml_type_name(r.type) : "-",
+                 (long long) r.ne0, (long long) r.ne1);
+        s += buf;
+    }
+    return s;
+}
+
+uint64_t model_layout::min_budget_bytes() const {
+    std::set<std::string> seen;
+    uint64_t n = 0;
+    for (const auto & b : blocks) {
+        if (seen.insert(b.signature()).second) {
+            n += (uint64_t) n_expert_used * b.expert_bytes();
+        }
+    }
+    return n;
+}
+
+bool model_layout::slices_aligned(uint64_t align) const {
+    for (const auto & b : blocks) {
+        for (const auto & r : b.roles) {
+            if (r.present && (r.file_offset % align != 0 || r.slice_bytes % align != 0)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+static bool parse_block_name(const char * name, int * layer, int * role) {
+    // blk.<il>.ffn_{up,gate,down,gate_up}_exps.weight
+    int il = -1;
+    int n  = 0;
+    if (sscanf(name, "blk.%d.%n", &il, &n) != 1 || n == 0) {
+        return false;
+    }
+    const char * rest = name + n;
+    static const struct { const char * s; int r; } table[] = {
+        { "ffn_up_exps.weight",      ROLE_UP },
+        { "ffn_gate_exps.weight",    ROLE_GATE },
+        { "ffn_down_exps.weight",    ROLE_DOWN },
+        { "ffn_gate_up_exps.weight", ROLE_GATE_UP },
+    };
+    for (const auto & t : table) {
+        if (strcmp(rest, t.s) == 0) {
+            *layer = il;
+            *role  = t.r;
+            return true;
+        }
+    }
+    return false;
+}
+
+static int64_t get_u32_key(const gguf_context * g, const std::string & key) {
+    const int64_t id = gguf_find_key(g, key.c_str());
+    if (id < 0) {
+        return -1;
+    }
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(g, id);
+        case GGUF_TYPE_INT32:  return gguf_get_val_i32(g, id);
+        case GGUF_TYPE_UINT64: return (int64_t) gguf_get_val_u64(g, id);
+        default:               return -1;
+    }
+}
+
+bool read_model_layout(const std::string & path, model_layout & out, std::string * err) {
+    out = model_layout();
+    out.path = path;
+
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) {
+        *err = "cannot open " + path + ": " + strerror(errno);
+        return false;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        *err = path + " is not a regular file";
+        return false;
+    }
+    out.file_size = (uint64_t) st.st_size;
+
+    // check the magic ourselves: gguf_init would log its own multi-line complaint
+    {
+        FILE * f = fopen(path.c_str(), "rb");
+        if (!f) {
+            *err = "cannot open " + path + ": " + strerror(errno);
+            return false;
+        }
+        char magic[4] = { 0 };
+        const size_t n = fread(magic, 1, 4, f);
+        fclose(f);
+        if (n != 4 || memcmp(magic, "GGUF", 4) != 0) {
+            *err = path + " is not a GGUF file";
+            return false;
+        }
+    }
+
+    ggml_context * meta = nullptr;
+    gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &meta };
+    gguf_context * g = gguf_init_from_file(path.c_str(), params);
+    if (!g) {
+        *err = path + ": invalid or truncated GGUF header";
+        return false;
+    }
+
+    bool ok = true;
+    out.data_offset = gguf_get_data_offset(g);
+    out.alignment   = gguf_get_alignment(g);
+
+    const int64_t arch_id = gguf_find_key(g, "general.architecture");
+    if (arch_id >= 0 && gguf_get_kv_type(g, arch_id) == GGUF_TYPE_STRING) {
+        out.arch = gguf_get_val_str(g, arch_id);
+    }
+    out.n_layer       = (int32_t) get_u32_key(g, out.arch + ".block_count");
+    const int64_t n_expert      = get_u32_key(g, out.arch + ".expert_count");
+    const int64_t n_expert_used = get_u32_key(g, out.arch + ".expert_used_count");
+
+    std::map<int, moe_block> blocks;
+    uint64_t data_end = out.data_offset;
+    const int64_t n_tensors = gguf_get_n_tensors(g);
+    for (int64_t i = 0; i < n_tensors && ok; ++i) {
+        const char * name = gguf_get_tensor_name(g, i);
+        const ggml_tensor * t = ggml_get_tensor(meta, name);
+        const uint64_t offs   = out.data_offset + gguf_get_tensor_offset(g, i);
+        const uint64_t nbytes = gguf_get_tensor_size(g, i);
+        data_end = std::max<uint64_t>(data_end, offs + nbytes);
+
+        int il = -1, role = -1;
+        if (!t || !parse_block_name(name, &il, &role) || ggml_n_dims(t) != 3) {
+            out.non_expert_bytes += nbytes;
+            continue;
+        }
+        moe_block & b = blocks[il];
+        b.layer = il;
+        role_tensor & r = b.roles[role];
+        r.present     = true;
+        r.type        = t->type;
+        r.ne0         = t->ne[0];
+        r.ne1         = t->ne[1];
+        r.slice_bytes = t->nb[2];
+        r.file_offset = offs;
+        r.name        = name;
+        if (out.n_expert == 0) {
+            out.n_expert = (int32_t) t->ne[2];
+        } else if (out.n_expert != t->ne[2]) {
+            *err = path + ": tensor " + name + " has a different expert count";
+            ok = false;
+        }
+        out.expert_bytes += nbytes;
+    }
+
+    if (ok && data_end > out.file_size) {
+        *err = path + ": truncated GGUF (tensor data ends at " + std::to_string(data_end) +
+               " bytes, file has " + std::to_string(out.file_size) + ")";
+        ok = false;
+    }
+
+    if (ok) {
+        for (auto & kv : blocks) {
+            const moe_block & b = kv.second;
+            if (!b.roles[ROLE_DOWN].present || !(b.roles[ROLE_GATE_UP].present || b.roles[ROLE_UP].present)) {
+                *err = path + ": layer " + std::to_string(b.layer) + " has incomplete expert tensors";
+                ok = false;
+                break;
+            }
+            out.blocks.push_back(b);
+        }
+    }
+    if (ok && n_expert > 0 && !out.blocks.empty() && n_expert != out.n_expert) {
+        *err = path + ": " + out.arch + ".expert_count disagrees with the expert tensors";
+        ok = false;
+    }
+    out.n_expert_used = (int32_t) (n_expert_used > 0 ? n_expert_used : 0);
+    if (ok && !out.blocks.empty() && (out.n_expert_used <= 0 || out.n_expert_used > out.n_expert)) {
+        *err = path + ": missing or invalid " + out.arch + ".expert_used_count";
+        ok = false;
+    }
+
+    gguf_free(g);
+    ggml_free(meta);
+    return ok;
+}
+
+} // namespace edgemoe
