@@ -1,0 +1,198 @@
+"""Build edgemoe: the patched llama.cpp and libedgemoe, compiled once, installed in the package.
+
+llama.cpp's source comes from the pinned llama-cpp-python sdist (its vendor/llama.cpp), fetched
+with pip and checked by sha256, or from EDGEMOE_LLAMA_CPP_DIR. Our changes are the patch files
+under native/patches/llama.cpp. Environment:
+
+  EDGEMOE_LLAMA_CPP_DIR   an existing llama.cpp tree to use instead of the sdist
+  EDGEMOE_CUDA=1          build the CUDA backend (CMAKE_CUDA_ARCHITECTURES, default 87: Orin)
+  EDGEMOE_BUILD_DIR       where to build (default: build/native, kept between installs)
+  EDGEMOE_JOBS            parallel compile jobs (default: CPU count)
+  EDGEMOE_CMAKE_ARGS      extra arguments for CMake
+"""
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+PATCH_DIR = ROOT / "native" / "patches" / "llama.cpp"
+VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-qwen2.gguf")
+
+
+def log(msg):
+    print(f"edgemoe build: {msg}", flush=True)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache_dir):
+    """The pinned sdist, from a local cache or through pip (which keeps its own HTTP cache)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sdist = cache_dir / SDIST_NAME
+    if not sdist.exists() or sha256(sdist) != SDIST_SHA256:
+        log(f"fetching the {LLAMA_CPP_PYTHON} sdist for llama.cpp's source")
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            subprocess.check_call([
+                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                "-q", "-d", tmp, LLAMA_CPP_PYTHON,
+            ])
+            got = Path(tmp) / SDIST_NAME
+            if not got.exists():
+                raise SystemExit(f"edgemoe build: pip did not produce {SDIST_NAME}")
+            digest = sha256(got)
+            if digest != SDIST_SHA256:
+                raise SystemExit(f"edgemoe build: sha256 mismatch for {SDIST_NAME}: {digest}")
+            os.replace(got, sdist)
+    return sdist
+
+
+def patch_stamp():
+    h = hashlib.sha256()
+    for p in sorted(PATCH_DIR.glob("*.patch")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def apply_patches(tree):
+    for p in sorted(PATCH_DIR.glob("*.patch")):
+        log(f"applying {p.name}")
+        subprocess.check_call(["patch", "-p1", "--forward", "--silent", "-i", str(p)], cwd=tree)
+
+
+def prepare_tree(build_dir):
+    """A patched llama.cpp tree, reused while its source and patches are unchanged."""
+    tree = build_dir / "llama.cpp"
+    user_tree = os.environ.get("EDGEMOE_LLAMA_CPP_DIR")
+    origin = f"dir:{Path(user_tree).resolve()}" if user_tree else f"sdist:{SDIST_SHA256}"
+    stamp = f"{origin}\n{patch_stamp()}\n"
+    stamp_file = build_dir / "llama.cpp.stamp"
+    if tree.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        return tree
+
+    if tree.exists():
+        shutil.rmtree(tree)
+    staging = build_dir / "llama.cpp.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    if user_tree:
+        src = Path(user_tree)
+        if not (src / "CMakeLists.txt").exists() or not (src / "src" / "llama-graph.cpp").exists():
+            raise SystemExit(f"edgemoe build: EDGEMOE_LLAMA_CPP_DIR={user_tree} is not a llama.cpp tree")
+        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".git", "build*"))
+    else:
+        sdist = fetch_sdist(build_dir.parent / "sdist")
+        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(prefix) and (m.isfile() or m.isdir()):
+                    m.name = m.name[len(prefix):]
+                    members.append(m)
+            staging.mkdir(parents=True)
+            tar.extractall(staging, members=members, filter="data")
+    apply_patches(staging)
+    os.replace(staging, tree)
+    stamp_file.write_text(stamp)
+    return tree
+
+
+def build_native(build_dir):
+    tree = prepare_tree(build_dir)
+    cmake_dir = build_dir / "cmake"
+    cmake_dir.mkdir(parents=True, exist_ok=True)
+    cuda = os.environ.get("EDGEMOE_CUDA", "0") not in ("", "0", "OFF", "off")
+    args = [
+        "cmake", "-S", str(ROOT), "-B", str(cmake_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DEDGEMOE_LLAMA_CPP_DIR={tree}",
+        f"-DEDGEMOE_CUDA={'ON' if cuda else 'OFF'}",
+        "-DEDGEMOE_BUILD_TESTS=OFF",
+    ]
+    if cuda and os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
+    args += shlex.split(os.environ.get("EDGEMOE_CMAKE_ARGS", ""))
+    if shutil.which("cmake") is None:
+        raise SystemExit("edgemoe build: cmake is required (pip install cmake)")
+    log("configuring" + (" with CUDA" if cuda else ""))
+    subprocess.check_call(args)
+    jobs = os.environ.get("EDGEMOE_JOBS") or str(os.cpu_count() or 2)
+    log(f"building llama.cpp and libedgemoe ({jobs} jobs)")
+    subprocess.check_call(["cmake", "--build", str(cmake_dir), "--target", "edgemoe", "-j", jobs])
+    return tree, cmake_dir / "bin"
+
+
+def install_libs(lib_dir, tree, pkg_dir):
+    """Copies the shared libraries (as plain files under every name the loader asks for) and vocabs."""
+    out = pkg_dir / "lib"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for p in sorted(lib_dir.iterdir()):
+        if ".so" in p.name or p.suffix == ".dylib":
+            shutil.copyfile(p.resolve(), out / p.name)
+    vocab_out = pkg_dir / "data" / "vocab"
+    vocab_out.mkdir(parents=True, exist_ok=True)
+    for name in VOCABS:
+        shutil.copyfile(tree / "models" / name, vocab_out / name)
+
+
+class BuildWithNative(build_py):
+    def run(self):
+        build_dir = Path(os.environ.get("EDGEMOE_BUILD_DIR") or ROOT / "build" / "native").resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        tree, lib_dir = build_native(build_dir)
+        # into the source package too, so that an editable install finds them
+        install_libs(lib_dir, tree, ROOT / "edgemoe")
+        super().run()
+        if not self.editable_mode:
+            install_libs(lib_dir, tree, Path(self.build_lib) / "edgemoe")
+
+
+setup(
+    name="edgemoe",
+    version="0.1.0",
+    description="Fast MoE decoding on memory-starved edge devices: an expert cache in llama.cpp",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edgemoe", "edgemoe.*"]),
+    package_data={"edgemoe": ["lib/*", "data/vocab/*.gguf", "data/models/*.gguf"]},
+    include_package_data=False,
+    install_requires=[
+        # installed without its own native build: see README (CMAKE_ARGS=-DLLAMA_BUILD=OFF)
+        LLAMA_CPP_PYTHON,
+        "numpy>=1.24",
+        "click>=8.1",
+        "gguf>=0.10.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        "jetson": ["jetson-stats>=4.2"],
+        "plot": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["edgemoe = edgemoe.cli:main"]},
+    cmdclass={"build_py": BuildWithNative},
+    zip_safe=False,
+)
