@@ -1,0 +1,160 @@
+"""The expert cache: an owning wrapper around libedgemoe's cache handle, and model inspection."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from edgemoe import bindings as B
+from edgemoe.budget import Budget
+from edgemoe.errors import InvalidArgumentError, StateError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What edgemoe_model_inspect reports about a GGUF's experts."""
+
+    n_layer: int
+    n_moe_layer: int
+    n_expert: int
+    n_expert_used: int
+    n_pools: int
+    expert_bytes: int
+    non_expert_bytes: int
+    slot_bytes_max: int
+    min_budget_bytes: int
+    data_alignment: int
+    slices_aligned: bool
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    prefetch_issued: int = 0
+    bytes_read: int = 0
+    read_ms: float = 0.0
+    stall_ms: float = 0.0
+
+    @property
+    def hit_rate(self) -> Optional[float]:
+        uses = self.hits + self.misses
+        return self.hits / uses if uses else None
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    budget_bytes: int
+    n_slots: int
+    n_pools: int
+    policy: str
+    io: str
+
+
+def _encode_path(path) -> bytes:
+    return os.fsencode(os.fspath(path))
+
+
+def inspect_model(path) -> ModelInfo:
+    """Describes a GGUF's experts without loading it (raises NoExpertsError for dense models)."""
+    out = B.edgemoe_model_info()
+    B.check(B.edgemoe_model_inspect(_encode_path(path), ctypes.byref(out)))
+    return ModelInfo(**{name: getattr(out, name) for name, _ in B.edgemoe_model_info._fields_}
+                     | {"slices_aligned": bool(out.slices_aligned)})
+
+
+def _name_of(table: dict, value: int) -> str:
+    return next((k for k, v in table.items() if v == value), str(value))
+
+
+class ExpertCache:
+    """Owns one native cache. Create it before loading the model, so a bad budget fails fast.
+
+    Args:
+        model_path: the GGUF the cache reads experts from.
+        budget: bytes or a fraction of all expert bytes.
+        policy: "default", "lru", "lfu" or "belady".
+        io: "direct", "buffered" or "mmap".
+        n_io_threads: 0 for the native default.
+        quiet: suppress the native side's notices on stderr.
+    """
+
+    def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
+                 n_io_threads: int = 0, quiet: bool = False):
+        self._handle: Optional[int] = None
+        self._attached = False
+        if policy not in B.POLICIES:
+            raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(B.POLICIES)}")
+        if io not in B.IO_MODES:
+            raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(B.IO_MODES)}")
+        opts = B.edgemoe_default_options()
+        opts.budget_bytes = budget.bytes or 0
+        opts.budget_fraction = budget.fraction or 0.0
+        opts.policy = B.POLICIES[policy]
+        opts.io = B.IO_MODES[io]
+        opts.n_io_threads = n_io_threads
+        opts.quiet = quiet
+        handle = B.edgemoe_cache_p()
+        B.check(B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle)))
+        self._handle: Optional[int] = handle.value
+        self._attached = False
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise StateError("the expert cache is closed")
+        return self._handle
+
+    def attach(self, ctx) -> None:
+        B.check(B.edgemoe_cache_attach(self.handle, ctx))
+        self._attached = True
+
+    def detach(self) -> None:
+        if self._handle is not None and self._attached:
+            B.check(B.edgemoe_cache_attach(self._handle, None))
+            self._attached = False
+
+    def info(self) -> CacheInfo:
+        out = B.edgemoe_cache_info()
+        B.check(B.edgemoe_cache_info_get(self.handle, ctypes.byref(out)))
+        return CacheInfo(budget_bytes=out.budget_bytes, n_slots=out.n_slots, n_pools=out.n_pools,
+                         policy=_name_of(B.POLICIES, out.policy), io=_name_of(B.IO_MODES, out.io))
+
+    def stats(self, layer: int = -1) -> CacheStats:
+        """Totals for layer < 0; zeros for layers without experts."""
+        out = B.edgemoe_stats()
+        B.check(B.edgemoe_cache_stats(self.handle, layer, ctypes.byref(out)))
+        return CacheStats(**{name: getattr(out, name) for name, _ in B.edgemoe_stats._fields_})
+
+    def reset_stats(self) -> None:
+        B.check(B.edgemoe_cache_reset_stats(self.handle))
+
+    def prefetch(self, layer: int, experts) -> None:
+        ids = (ctypes.c_int32 * len(experts))(*experts)
+        B.check(B.edgemoe_cache_prefetch(self.handle, layer, ids, len(experts)))
+
+    def set_routes(self, layer: int, routes) -> None:
+        """routes: [n_tokens][k] expert ids for the next ubatch of one layer."""
+        arr = np.ascontiguousarray(routes, dtype=np.int32)
+        if arr.ndim != 2:
+            raise InvalidArgumentError("routes must be a [n_tokens, k] array")
+        ptr = arr.ctypes.data_as(B.int32_p)
+        B.check(B.edgemoe_cache_set_routes(self.handle, layer, ptr, arr.shape[0], arr.shape[1]))
+
+    def clear_routes(self) -> None:
+        B.check(B.edgemoe_cache_clear_routes(self.handle))
+
+    def close(self) -> None:
+        """Frees the cache; detach it (and free its context) first. Idempotent."""
+        if self._handle is not None:
+            B.edgemoe_cache_free(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
