@@ -1,0 +1,18 @@
+"""edgemoe: an edge inference runtime for MoE models with an expert cache inside llama.cpp."""
+
+__version__ = "0.1.0"
+
+__all__ = ["Engine", "EngineStats", "EdgemoeError", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: importing edgemoe must not load native libraries (e.g. for `edgemoe --help`).
+    if name in ("Engine", "EngineStats"):
+        from edgemoe import engine
+
+        return getattr(engine, name)
+    if name == "EdgemoeError":
+        from edgemoe.errors import EdgemoeError
+
+        return EdgemoeError
+    raise AttributeError(name)

@@ -1,0 +1,477 @@
+"""Engine: one model, one context, and optionally an expert cache; eval, generate, stats."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from edgemoe import log
+from edgemoe._native import llama
+from edgemoe.bindings import IO_MODES, POLICIES
+from edgemoe.budget import Budget, parse_budget
+from edgemoe.cache import CacheStats, ExpertCache
+from edgemoe.errors import (ContextFullError, DecodeError, EdgemoeIOError, InvalidArgumentError,
+                            ModelFormatError, ModelLoadError, NoExpertsError, StateError)
+
+# The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
+LAZY_EXPERTS_KEY = b"edgemoe.cache.lazy_experts"
+
+_GGUF_MAGIC = b"GGUF"
+_backend_ready = False
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer: int
+    hits: int
+    misses: int
+    prefetch_hits: int
+    prefetch_wasted: int
+    bytes_read: int
+    read_ms: float
+    stall_ms: float
+    hit_rate: Optional[float]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Names as in DESIGN.md. Timings cover the last generate(): ttft_ms from the start of
+    the prefill to the first sampled token, tpot_ms the mean over the tokens after the first,
+    tokens_per_s = 1000 / tpot_ms. Cache counters cover everything since reset_stats(); they
+    are zero (hit_rate None) without a cache. peak_rss_bytes is the process's VmHWM."""
+
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    tpot_p50_ms: Optional[float] = None
+    tpot_p90_ms: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    hit_rate: Optional[float] = None
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    bytes_read: int = 0
+    read_ms: float = 0.0
+    stall_ms: float = 0.0
+    expert_cache_bytes: int = 0
+    peak_rss_bytes: int = 0
+    n_prompt_tokens: int = 0
+    n_generated: int = 0
+    layers: List[LayerStats] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The scalar fields (no per-layer list), e.g. for JSON."""
+        d = asdict(self)
+        d.pop("layers")
+        return d
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_model_file(path: str) -> None:
+    """Fails with a one-line reason before llama.cpp sees the file."""
+    if not os.path.exists(path):
+        raise EdgemoeIOError(f"model file not found: {path}")
+    if not os.path.isfile(path):
+        raise EdgemoeIOError(f"model path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise EdgemoeIOError(f"cannot read model file {path}: {e.strerror}") from None
+    if magic != _GGUF_MAGIC:
+        raise ModelFormatError(f"not a GGUF file: {path}")
+
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: after fork + exec, ru_maxrss
+    still holds the parent's RSS at fork time (a benchmark's child would inherit it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _print_notice(msg: str) -> None:
+    print(f"edgemoe: {msg}", file=sys.stderr, flush=True)
+
+
+class Engine:
+    """A model ready to evaluate and generate, with an optional expert cache.
+
+    Args:
+        model_path: a GGUF file.
+        expert_cache: None/"off" for no cache; bytes (int), or a string such as "800MiB",
+            "1.5GiB" or "25%" (of all expert bytes).
+        policy: cache policy, "default", "lru" or "lfu".
+        io: backing store of the cache, "direct", "buffered" or "mmap".
+        n_threads: compute threads (default: the CPUs this process may use).
+        seed: default sampling seed of generate().
+        route_recorder: a RouteRecorder to fill through the context's eval callback.
+        verbose: let llama.cpp's log through to stderr.
+        notice: called with one-line notices (default: printed to stderr).
+    """
+
+    def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
+                 policy: str = "default", io: str = "direct", n_threads: Optional[int] = None,
+                 n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
+                 seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
+                 notice: Optional[Callable[[str], None]] = None):
+        global _backend_ready
+        self._model = None
+        self._ctx = None
+        self._cache: Optional[ExpertCache] = None
+        self._batch = None
+        self._closed = False
+        self.model_path = os.fspath(model_path)
+        self.seed = seed
+        self._notice = notice or _print_notice
+        self._recorder = route_recorder  # keep it alive as long as the context calls it
+        self._reset_timings()
+
+        if n_ctx <= 0 or n_batch <= 0 or n_ubatch <= 0:
+            raise InvalidArgumentError("n_ctx, n_batch and n_ubatch must be positive")
+        if policy not in POLICIES:
+            raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if io not in IO_MODES:
+            raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(IO_MODES)}")
+        budget = parse_budget(expert_cache)
+        log.install(verbose)
+        _check_model_file(self.model_path)
+
+        try:
+            if budget is not None:
+                # before the model: a budget below the minimum fails in milliseconds
+                try:
+                    self._cache = ExpertCache(self.model_path, budget, policy=policy, io=io)
+                except NoExpertsError:
+                    self._notice(f"notice: {os.path.basename(self.model_path)} has no routed experts "
+                                 f"(dense model); running without an expert cache")
+            if not _backend_ready:
+                llama.llama_backend_init()
+                _backend_ready = True
+            self._load_model(n_gpu_layers)
+            self._create_context(n_ctx, n_batch, n_ubatch, n_threads or _default_threads())
+            if self._cache is not None:
+                self._cache.attach(self._ctx)
+        except BaseException:
+            self.close()
+            raise
+
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx = llama.llama_n_ctx(self._ctx)
+        self.n_batch = llama.llama_n_batch(self._ctx)
+        self.n_layer = llama.llama_model_n_layer(self._model)
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._n_past = 0
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _load_model(self, n_gpu_layers: int) -> None:
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # the cache needs the experts in a mapping
+        if self._cache is not None:
+            overrides = (llama.llama_model_kv_override * 2)()
+            overrides[0].tag = llama.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            overrides[0].key = LAZY_EXPERTS_KEY
+            overrides[0].value.val_bool = True
+            # overrides[1].key stays empty: the terminator
+            self._overrides = overrides  # llama.cpp reads it during the load only, but be safe
+            params.kv_overrides = overrides
+        log.take_error()  # forget older errors
+        model = llama.llama_model_load_from_file(os.fsencode(self.model_path), params)
+        if not model:
+            reason = log.take_error()
+            raise ModelLoadError(f"cannot load model {self.model_path}" + (f": {reason}" if reason else
+                                 " (truncated or unsupported GGUF?)"))
+        self._model = model
+
+    def _create_context(self, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int) -> None:
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = 1
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.no_perf = True
+        if self._cache is not None:
+            # experts stay on the host with a cache: copying the slot pool to a GPU for large
+            # batches would cost more than it saves, and compute the MoE with other kernels
+            params.op_offload = False
+        if self._recorder is not None:
+            from edgemoe.bindings import edgemoe_route_recorder_eval_cb_address
+
+            self._cb_eval = llama.ggml_backend_sched_eval_callback(edgemoe_route_recorder_eval_cb_address())
+            params.cb_eval = self._cb_eval
+            params.cb_eval_user_data = self._recorder.handle
+        ctx = llama.llama_init_from_model(self._model, params)
+        if not ctx:
+            reason = log.take_error()
+            raise ModelLoadError("cannot create a llama.cpp context" + (f": {reason}" if reason else ""))
+        self._ctx = ctx
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees everything in the order the native side requires. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._cache is not None:
+            try:
+                self._cache.detach()
+            except Exception:
+                pass
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama.llama_model_free(self._model)
+            self._model = None
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _live(self) -> None:
+        if self._closed:
+            raise StateError("the engine is closed")
+
+    @property
+    def cache(self) -> Optional[ExpertCache]:
+        """The expert cache, or None (cache off, or a dense model)."""
+        return self._cache
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the current sequence."""
+        return self._n_past
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]:
+        self._live()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama.llama_token * cap)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise InvalidArgumentError("tokenization failed")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int], remove_special: bool = False) -> str:
+        self._live()
+        arr = (llama.llama_token * len(tokens))(*tokens)
+        cap = max(16, 8 * len(tokens))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = llama.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, remove_special, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            cap = -n
+        raise InvalidArgumentError("detokenization failed")
+
+    def token_to_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)]
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def _decode(self, tokens: Sequence[int], all_logits: bool, out: Optional[np.ndarray] = None) -> None:
+        """Feeds tokens in chunks of n_batch; copies every token's logits into `out` if given."""
+        if self._n_past + len(tokens) > self.n_ctx:
+            raise ContextFullError(
+                f"{len(tokens)} tokens do not fit: {self._n_past} of {self.n_ctx} context positions used")
+        b = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n = len(chunk)
+            last_chunk = start + n == len(tokens)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self._n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last_chunk and i == n - 1)
+            b.n_tokens = n
+            rc = llama.llama_decode(self._ctx, b)
+            if rc != 0:
+                reason = log.take_error()
+                raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
+            self._n_past += n
+            if out is not None:
+                for i in range(n):
+                    ptr = llama.llama_get_logits_ith(self._ctx, i)
+                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab]."""
+        self._live()
+        tokens = [int(t) for t in tokens]
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        if tokens:
+            self._decode(tokens, all_logits=True, out=out)
+        return out
+
+    def reset(self) -> None:
+        """Clears the KV cache; the next eval() starts a new sequence at position 0."""
+        self._live()
+        llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+        self._n_past = 0
+
+    # -- generation -------------------------------------------------------------------
+
+    def _sampler(self, temperature: float, seed: int, top_k: int, top_p: float, min_p: float):
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+            return chain
+        # llama.cpp's default order for these samplers: top-k, top-p, min-p, temperature, draw
+        if top_k > 0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(min_p, 1))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
+        llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, temperature: float = 0.8,
+                 seed: Optional[int] = None, top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05) -> Iterator[str]:
+        """Streams the text of up to max_tokens new tokens; starts a new sequence.
+
+        Args:
+            prompt: text (tokenized with BOS as the model wants) or token ids.
+            temperature: 0 or less samples greedily.
+            seed: sampling seed; default the engine's seed, else random.
+            top_k, top_p, min_p: llama.cpp's defaults.
+        """
+        self._live()
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            tokens = [llama.llama_vocab_bos(self._vocab)]
+        if seed is None:
+            seed = self.seed if self.seed is not None else llama.LLAMA_DEFAULT_SEED
+        return self._generate(tokens, max_tokens, self._sampler(temperature, seed & 0xFFFFFFFF,
+                                                                top_k, top_p, min_p))
+
+    def _generate(self, tokens: List[int], max_tokens: int, sampler) -> Iterator[str]:
+        try:
+            yield from self.text_pieces(self._sample_tokens(tokens, max_tokens, sampler))
+        finally:
+            llama.llama_sampler_free(sampler)
+
+    def _sample_tokens(self, tokens: List[int], max_tokens: int, sampler) -> Iterator[int]:
+        """Prefills, then yields sampled tokens (not the end-of-generation one), timing each."""
+        self.reset()
+        self._reset_timings()
+        self._n_prompt = len(tokens)
+        if max_tokens <= 0:
+            return
+        t0 = time.perf_counter()
+        self._decode(tokens, all_logits=False)
+        token = llama.llama_sampler_sample(sampler, self._ctx, -1)
+        self._ttft_ms = (time.perf_counter() - t0) * 1e3  # the clock stops at the first token
+        while not llama.llama_vocab_is_eog(self._vocab, token):
+            self._n_generated += 1
+            yield token
+            if self._n_generated >= max_tokens or self._n_past >= self.n_ctx:
+                break
+            t = time.perf_counter()
+            self._decode([token], all_logits=False)
+            token = llama.llama_sampler_sample(sampler, self._ctx, -1)
+            self._tpot_ms.append((time.perf_counter() - t) * 1e3)
+
+    def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Text of a token stream, one piece per token, holding back partial UTF-8 characters."""
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span tokens
+        for token in tokens:
+            text = utf8.decode(self.token_to_bytes(token))
+            if text:
+                yield text
+        tail = utf8.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    # -- statistics -------------------------------------------------------------------
+
+    def _reset_timings(self) -> None:
+        self._ttft_ms: Optional[float] = None
+        self._tpot_ms: List[float] = []
+        self._n_prompt = 0
+        self._n_generated = 0
+
+    def reset_stats(self) -> None:
+        self._live()
+        self._reset_timings()
+        if self._cache is not None:
+            self._cache.reset_stats()
+
+    def stats(self) -> EngineStats:
+        self._live()
+        tpot = np.array(self._tpot_ms, dtype=np.float64)
+        timing = {}
+        if tpot.size:
+            mean = float(tpot.mean())
+            timing = dict(tpot_ms=mean, tpot_p50_ms=float(np.percentile(tpot, 50)),
+                          tpot_p90_ms=float(np.percentile(tpot, 90)),
+                          tokens_per_s=1e3 / mean if mean > 0 else None)
+        cache = {}
+        layers: List[LayerStats] = []
+        if self._cache is not None:
+            total = self._cache.stats(-1)
+            cache = dict(hit_rate=total.hit_rate, hits=total.hits, misses=total.misses,
+                         prefetch_hits=total.prefetch_hits, prefetch_wasted=total.prefetch_wasted,
+                         bytes_read=total.bytes_read, read_ms=total.read_ms, stall_ms=total.stall_ms,
+                         expert_cache_bytes=self._cache.info().budget_bytes)
+            for il in range(self.n_layer):
+                s: CacheStats = self._cache.stats(il)
+                layers.append(LayerStats(layer=il, hits=s.hits, misses=s.misses, prefetch_hits=s.prefetch_hits,
+                                         prefetch_wasted=s.prefetch_wasted, bytes_read=s.bytes_read,
+                                         read_ms=s.read_ms, stall_ms=s.stall_ms, hit_rate=s.hit_rate))
+        return EngineStats(ttft_ms=self._ttft_ms, **timing, **cache, peak_rss_bytes=_peak_rss_bytes(),
+                           n_prompt_tokens=self._n_prompt, n_generated=self._n_generated, layers=layers)

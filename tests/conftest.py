@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny synthetic models written once per session, and library checks.
+
+Run with `pytest tests`. Native libraries come from `edgemoe/lib/` or `EDGEMOE_LIB_DIR`;
+vocab GGUFs from `edgemoe/data/vocab/` or `EDGEMOE_VOCAB_DIR`. Tests that need libedgemoe
+(the expert cache) skip only when that library is absent altogether; with
+`EDGEMOE_REQUIRE_NATIVE=1` (for CI) a missing library or vocab fails the run instead, so a
+broken install cannot pass as a row of skips.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+try:
+    from edgemoe import _native
+    _LLAMA_ERROR = None
+except Exception as e:  # NativeLibraryError, or no llama_cpp at all
+    _native = None
+    _LLAMA_ERROR = str(e)
+
+HAS_LLAMA = _native is not None
+HAS_CACHE = HAS_LLAMA and _native.has_edgemoe_library()
+
+needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason=f"libllama not loadable: {_LLAMA_ERROR}")
+needs_cache = pytest.mark.skipif(
+    not HAS_CACHE,
+    reason="libedgemoe.so not found in " + (str(_native.lib_dir()) if HAS_LLAMA else "EDGEMOE_LIB_DIR"),
+)
+
+REQUIRE_NATIVE = os.environ.get("EDGEMOE_REQUIRE_NATIVE", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    if REQUIRE_NATIVE and not HAS_CACHE:
+        why = _LLAMA_ERROR if not HAS_LLAMA else f"libedgemoe.so not found in {_native.lib_dir()}"
+        raise pytest.UsageError(f"EDGEMOE_REQUIRE_NATIVE is set but the native libraries are missing: {why}")
+
+
+# One thread count everywhere: reference and cached runs must use the same kernels.
+N_THREADS = 2
+
+# Tiny MoE models per architecture: 2 layers x 8 experts, top-2, gpt-2 vocab.
+# qwen3moe gets 4 KiB alignment (expert slices of 8 KiB start on page boundaries, as
+# O_DIRECT wants); the others keep llama.cpp's default 32, so both layouts are covered.
+TINY = {
+    "qwen3moe": dict(arch="qwen3moe", n_layer=2, n_embd=64, n_ff=128, n_ff_exp=64, n_expert=8,
+                     n_expert_used=2, n_head=4, n_head_kv=2, alignment=4096, seed=1),
+    "qwen2moe": dict(arch="qwen2moe", n_layer=2, n_embd=64, n_ff=96, n_ff_exp=64, n_expert=8,
+                     n_expert_used=2, n_head=4, n_head_kv=2, seed=2),
+    "olmoe": dict(arch="olmoe", n_layer=2, n_embd=64, n_ff=128, n_ff_exp=64, n_expert=8,
+                  n_expert_used=2, n_head=4, n_head_kv=4, expert_type="F32", seed=3),
+    # quantized experts: CPU builds may repack Q8_0 for other kernels, which the cache must match
+    "qwen3moe-q8_0": dict(arch="qwen3moe", n_layer=2, n_embd=64, n_ff=128, n_ff_exp=64, n_expert=8,
+                          n_expert_used=2, n_head=4, n_head_kv=2, expert_type="Q8_0", seed=5),
+}
+
+
+def _vocab(name: str) -> pathlib.Path:
+    if not HAS_LLAMA:
+        pytest.skip(f"libllama not loadable: {_LLAMA_ERROR}")
+    path = _native.vocab_dir() / name
+    if not path.exists():
+        if REQUIRE_NATIVE:
+            pytest.fail(f"vocab file {path} not found (EDGEMOE_REQUIRE_NATIVE is set)")
+        pytest.skip(f"vocab file {path} not found (set EDGEMOE_VOCAB_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab() -> pathlib.Path:
+    return _vocab("ggml-vocab-gpt-2.gguf")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vocab() -> pathlib.Path:
+    return _vocab("ggml-vocab-qwen2.gguf")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(model_dir, gpt2_vocab) -> dict:
+    """name (the arch, or arch-exptype) -> path of a tiny MoE GGUF."""
+    from edgemoe.synth import SynthConfig, write_model
+
+    out = {}
+    for arch, kw in TINY.items():
+        path = model_dir / f"tiny-{arch}.gguf"
+        write_model(path, SynthConfig(vocab=str(gpt2_vocab), **kw))
+        out[arch] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_model(model_dir, gpt2_vocab) -> pathlib.Path:
+    from edgemoe.synth import SynthConfig, write_model
+
+    path = model_dir / "tiny-qwen3-dense.gguf"
+    write_model(path, SynthConfig(arch="qwen3", vocab=str(gpt2_vocab), n_layer=2, n_embd=64, n_ff=128,
+                                  n_head=4, n_head_kv=2, seed=4))
+    return path
+
+
+@pytest.fixture(scope="session")
+def edgemoe_env() -> dict:
+    """Environment for subprocesses running `python -m edgemoe` from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
