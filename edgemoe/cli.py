@@ -1,0 +1,44 @@
+"""The `edgemoe` command: a click group that only dispatches to one module per command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgemoe import __version__
+from edgemoe.run import CliError, run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgemoe")
+def cli() -> None:
+    """edgemoe: MoE inference with an expert cache, on llama.cpp."""
+
+
+cli.add_command(run)
+
+
+def main(argv=None) -> int:
+    """Console entry point; usage errors become one `edgemoe: error:` line too."""
+    try:
+        cli.main(args=argv, prog_name="edgemoe", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("edgemoe: aborted", file=sys.stderr)
+        return 130
+    except CliError as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        # click's usage errors get the same one-line form as ours
+        print(f"edgemoe: error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except BrokenPipeError:
+        return 141
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""`edgemoe run`: stream a completion, optionally with the expert cache, and report stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import click
+
+from edgemoe.budget import parse_budget
+from edgemoe.errors import EdgemoeError
+
+# What --stats prints, in this order; --stats-json writes every scalar of EngineStats.
+STATS_FIELDS = ("ttft_ms", "tpot_ms", "tokens_per_s", "hit_rate", "hits", "misses",
+                "bytes_read", "stall_ms", "peak_rss_bytes")
+
+
+class CliError(click.ClickException):
+    """A user-facing failure: one `edgemoe: error: ...` line on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+    def show(self, file=None) -> None:
+        click.echo(f"edgemoe: error: {self.message}", err=True)
+
+
+class _JsonOut:
+    """Writes a JSON file atomically: a temp file beside the target, renamed when complete.
+
+    The temp file is created up front, so an unwritable path fails before any work.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.isdir(path):
+            raise CliError(f"cannot write --stats-json {path}: is a directory")
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as e:
+            raise CliError(f"cannot write --stats-json {path}: {e.strerror or e}") from None
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def commit(self, obj: dict) -> None:
+        json.dump(obj, self._file, indent=2)
+        self._file.write("\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self._tmp, 0o666 & ~mask)  # mkstemp makes 0600
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def discard(self) -> None:
+        if self._tmp is not None:
+            self._file.close()
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+
+def _format(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 10 else f"{value:.2f}"
+    return str(value)
+
+
+@click.command("run")
+@click.option("-m", "--model", "model_path", metavar="FILE", help="GGUF model (default: the built-in model).")
+@click.option("-p", "--prompt", default="Once upon a time", show_default=True)
+@click.option("-n", "--n-predict", type=int, default=128, show_default=True, help="Tokens to generate.")
+@click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all CPUs).")
+@click.option("-c", "--ctx-size", type=int, default=4096, show_default=True)
+@click.option("-b", "--batch-size", type=int, default=512, show_default=True)
+@click.option("-ub", "--ubatch-size", type=int, default=512, show_default=True)
+@click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True)
+@click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
+@click.option("--expert-cache", "expert_cache", metavar="SIZE|off", default="off", show_default=True,
+              help="Expert-cache budget: bytes (800MiB, 1.5GiB) or a share of expert bytes (25%).")
+@click.option("--policy", type=click.Choice(["default", "lru", "lfu"]), default="default", show_default=True)
+@click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
+              help="How the cache reads experts.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print timing and cache stats to stderr at the end.")
+@click.option("--stats-json", metavar="FILE", default=None, help="Write the stats as one JSON object.")
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log.")
+def run(model_path: Optional[str], prompt: str, n_predict: int, threads: Optional[int], ctx_size: int,
+        batch_size: int, ubatch_size: int, n_gpu_layers: int, temp: float, seed: Optional[int],
+        expert_cache: str, policy: str, io: str, show_stats: bool, stats_json: Optional[str],
+        verbose: bool) -> None:
+    """Generate text from PROMPT, streaming it to stdout."""
+    try:
+        budget = parse_budget(expert_cache)
+    except EdgemoeError as e:
+        raise CliError(str(e)) from None
+    json_out = _JsonOut(stats_json) if stats_json else None
+    engine = None
+    try:
+        from edgemoe.default_model import default_model_path
+        from edgemoe.engine import Engine
+
+        if model_path is None:
+            model_path = str(default_model_path())
+        engine = Engine(model_path, expert_cache=budget, policy=policy, io=io, n_threads=threads,
+                        n_ctx=ctx_size, n_batch=batch_size, n_ubatch=ubatch_size,
+                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
+        out = sys.stdout
+        for piece in engine.generate(prompt, max_tokens=n_predict, temperature=temp, seed=seed):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        stats = engine.stats().summary()
+        if show_stats:
+            for name in STATS_FIELDS:
+                click.echo(f"{name}: {_format(stats[name])}", err=True)
+        if json_out is not None:
+            json_out.commit(stats)
+    except EdgemoeError as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.exceptions.Abort() from None
+    finally:
+        if json_out is not None:
+            json_out.discard()
+        if engine is not None:
+            engine.close()
