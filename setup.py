@@ -74,9 +74,18 @@ def patch_stamp():
 
 
 def apply_patches(tree):
+    if shutil.which("patch") is None:
+        raise SystemExit("edgemoe build: the 'patch' program is required (apt-get install patch)")
     for p in sorted(PATCH_DIR.glob("*.patch")):
-        log(f"applying {p.name}")
-        subprocess.check_call(["patch", "-p1", "--forward", "--silent", "-i", str(p)], cwd=tree)
+        base = ["patch", "-p1", "--forward", "--silent", "-i", str(p)]
+        if subprocess.call(base + ["--dry-run"], cwd=tree, stdout=subprocess.DEVNULL) == 0:
+            log(f"applying {p.name}")
+            subprocess.check_call(base, cwd=tree)
+        elif subprocess.call(["patch", "-p1", "-R", "--dry-run", "--silent", "-i", str(p)], cwd=tree,
+                             stdout=subprocess.DEVNULL) == 0:
+            log(f"{p.name} is already applied")  # an EDGEMOE_LLAMA_CPP_DIR tree patched before
+        else:
+            raise SystemExit(f"edgemoe build: {p.name} does not apply to {tree}")
 
 
 def prepare_tree(build_dir):
@@ -98,7 +107,13 @@ def prepare_tree(build_dir):
         src = Path(user_tree)
         if not (src / "CMakeLists.txt").exists() or not (src / "src" / "llama-graph.cpp").exists():
             raise SystemExit(f"edgemoe build: EDGEMOE_LLAMA_CPP_DIR={user_tree} is not a llama.cpp tree")
-        shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".git", "build*"))
+        root = str(src.resolve())
+
+        def skip(d, names):
+            # VCS data, and build directories at the tree's top (not cmake/build-info.cmake)
+            return {n for n in names if n == ".git" or (os.path.realpath(d) == root and n.startswith("build"))}
+
+        shutil.copytree(src.resolve(), staging, ignore=skip)
     else:
         sdist = fetch_sdist(build_dir.parent / "sdist")
         prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
@@ -184,7 +199,7 @@ setup(
         LLAMA_CPP_PYTHON,
         "numpy>=1.24",
         "click>=8.1",
-        "gguf>=0.10.0",
+        "gguf>=0.17.1",
         "psutil>=5.9",
     ],
     extras_require={

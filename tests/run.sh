@@ -9,7 +9,7 @@ python3 -m venv .venv
 # llama-cpp-python brings only its Python bindings; edgemoe builds the patched libllama
 CMAKE_ARGS="-DLLAMA_BUILD=OFF" python -m pip install -q "llama-cpp-python==0.3.36" ".[test]"
 
-python -m pytest -q tests
+EDGEMOE_REQUIRE_NATIVE=1 python -m pytest -q tests
 
 cmake -S native/tests -B build/native-sanitize -DCMAKE_BUILD_TYPE=Debug \
     -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" > /dev/null
