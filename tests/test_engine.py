@@ -338,3 +338,54 @@ def test_budget_below_minimum(tiny_models):
     with pytest.raises(BudgetTooSmallError) as info:
         _engine(path, expert_cache=_min_budget(path) - 1)
     assert "minimum" in str(info.value).lower()
+
+
+# -- external routes (router-decoupled models) -------------------------------------------
+
+
+def _recorded_routes(path, prompt, n_decode):
+    """Per layer, the [tokens, k] experts a cache-off greedy run used, and its tokens."""
+    from edgemoe.routes import RouteRecorder
+
+    rec = RouteRecorder()
+    with _engine(path, route_recorder=rec) as e:
+        tokens = [int(t) for t in prompt]
+        logits = e.eval(tokens)
+        for _ in range(n_decode):
+            tokens.append(int(logits[-1].argmax()))
+            logits = e.eval([tokens[-1]])
+    rows = rec.rows()
+    return {int(il): rows[rows[:, 0] == il][:, 2:] for il in np.unique(rows[:, 0])}, tokens
+
+
+@needs_cache
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_external_routes_are_obeyed(tiny_models, arch):
+    """Routes set from outside replace the top-k token by token, in every layer, also in a last
+    layer that llama.cpp computes for the output rows only (generation asks for one logit)."""
+    path = tiny_models[arch]
+    prompt = _prompt(12, seed=5)
+    n_gen = 6
+    routes, tokens = _recorded_routes(path, prompt, n_gen)
+    # the model's own routes, given from outside: generation is unchanged
+    with _engine(path, expert_cache="50%") as e:
+        for il, r in routes.items():
+            e.cache.set_routes(il, r[: len(prompt) + n_gen])
+        got = list(e._sample_tokens(list(prompt), n_gen, e._sampler(0.0, 0, 0, 1.0, 0.0)))
+    assert got == tokens[len(prompt):]
+
+    # other routes: the layers obey them (the recorder sees the ids actually used)
+    from edgemoe.routes import RouteRecorder
+
+    k = TINY[arch]["n_expert_used"]
+    forced = np.tile(np.arange(k, dtype=np.int32)[::-1], (len(prompt), 1))
+    rec = RouteRecorder()
+    with _engine(path, expert_cache="100%", route_recorder=rec) as e:
+        for il in routes:
+            e.cache.set_routes(il, forced)
+        e.eval(prompt)
+        rows = rec.rows()
+        # the queues are used up: the next token routes by itself again
+        e.eval([int(prompt[0])])
+    assert len(rows) == len(routes) * len(prompt)
+    assert (rows[:, 2:] == forced[0]).all()

@@ -102,9 +102,13 @@ EDGEMOE_API edgemoe_options edgemoe_default_options(void);
 EDGEMOE_API int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out);
 
 EDGEMOE_API int  edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, edgemoe_cache ** out);
+// Detaches from its context first if attached: free the cache before the context, or detach it.
 EDGEMOE_API void edgemoe_cache_free(edgemoe_cache * cache);
 
 // Attaches the cache to a context of the same model (NULL detaches). One context per cache.
+// Load the model with the kv override "edgemoe.cache.lazy_experts" = true so that its *_exps
+// weights stay unread, and create the context with op_offload = false on GPU builds: otherwise
+// large batches copy the whole slot pool to the device and compute there with other kernels.
 EDGEMOE_API int edgemoe_cache_attach(edgemoe_cache * cache, struct llama_context * ctx);
 
 EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out);
@@ -112,8 +116,11 @@ EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cach
 // Asynchronous load hints; resident or in-flight experts are no-ops.
 EDGEMOE_API int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, const int32_t * experts, int32_t n);
 
-// Routes of the next n_tokens tokens for one layer ([n_tokens][k] expert ids). The graph
-// obeys them instead of its own top-k (router-decoupled models); BELADY uses them as the future.
+// Routes of the next n_tokens tokens for one layer ([n_tokens][k] expert ids), queued. The graph
+// obeys them instead of its own top-k (router-decoupled models): each ubatch takes its tokens'
+// routes from the front of every layer's queue, so queue every token of every MoE layer (a
+// queue that is not empty but too short for a ubatch is a fatal error). BELADY uses the queue
+// as the future.
 EDGEMOE_API int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k);
 EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
 

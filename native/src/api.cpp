@@ -67,6 +67,10 @@ void * provider_wave(void * user, void * unit, int32_t i, int32_t n) {
     return cache_of(user)->wave(unit, i, n);
 }
 
+void * provider_route_ctx(void * user, void * unit, int32_t n_ubatch_tokens) {
+    return cache_of(user)->route_ctx(unit, n_ubatch_tokens);
+}
+
 // ggml's CPU backend calls a custom op on every compute thread (n_tasks only sizes its work
 // buffer), so thread 0 does the work; the barrier after the node holds the others
 
@@ -75,8 +79,8 @@ void op_route(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (ith != 0) {
         return;
     }
-    const wave_ctx * unit = static_cast<const wave_ctx *>(userdata);
-    unit->cache->op_route(dst, unit->block);
+    const wave_ctx * unit = static_cast<const wave_ctx *>(userdata); // from route_ctx
+    unit->cache->op_route(dst, *unit);
 }
 
 void op_remap(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -187,6 +191,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         c->provider.user      = c;
         c->provider.bind      = provider_bind;
         c->provider.wave      = provider_wave;
+        c->provider.route_ctx = provider_route_ctx;
         c->provider.route     = op_route;
         c->provider.remap     = op_remap;
         c->provider.mask      = op_mask;

@@ -148,6 +148,20 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         p.n_slots = (int32_t) n;
         budget_bytes_ += (uint64_t) n*p.slot_bytes;
     }
+    // raising a pool to its k-slot floor may overshoot: take the excess from the others
+    while (budget_bytes_ > asked) {
+        pool * most = nullptr;
+        for (auto & p : pools_) {
+            if (p.n_slots > k && (!most || p.slot_bytes*(p.n_slots - k) > most->slot_bytes*(most->n_slots - k))) {
+                most = &p;
+            }
+        }
+        if (!most) {
+            break; // only floors left, and asked >= min_bytes: cannot happen
+        }
+        most->n_slots--;
+        budget_bytes_ -= most->slot_bytes;
+    }
 
     std::string notice;
     if (!store_.open(path, opts.io, err, &notice)) {
@@ -226,6 +240,8 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     }
     stats_.assign(layer_block_.size(), layer_stats());
 
+    jobs_.resize((size_t) n_slots_total());
+
     const int n_threads = opts.n_io_threads > 0 ? opts.n_io_threads : 4;
     for (int i = 0; i < n_threads; ++i) {
         threads_.emplace_back([this] { io_worker(); });
@@ -295,27 +311,55 @@ void * expert_cache::wave(void * unit, int32_t i, int32_t n) {
     return it->second.get();
 }
 
-void expert_cache::op_route(ggml_tensor * dst, int32_t b) {
+void * expert_cache::route_ctx(void * unit, int32_t n_ubatch_tokens) {
+    const int32_t b = unit ? static_cast<const wave_ctx *>(unit)->block : -1;
+    if (b < 0 || b >= (int32_t) blocks_.size()) {
+        return nullptr;
+    }
+    auto & m = blocks_[b].routes_ctx;
+    auto it = m.find(n_ubatch_tokens);
+    if (it == m.end()) {
+        it = m.emplace(n_ubatch_tokens, std::unique_ptr<wave_ctx>(new wave_ctx{ this, b, -1, n_ubatch_tokens })).first;
+    }
+    return it->second.get();
+}
+
+void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
     const ggml_tensor * src = dst->src[0];
+    const ggml_tensor * out_ids = dst->src[1]; // set when this block sees only the output rows
     const int64_t k = src->ne[0];
-    const int64_t n_tokens = src->ne[1];
+    const int64_t n_rows = src->ne[1];
+    const int64_t n_ubatch = r.count;
     int32_t * out = (int32_t *) dst->data;
 
     std::lock_guard<std::mutex> lock(mu_);
-    block & bl = blocks_[b];
-    if (bl.routes_k == k && (int64_t) bl.routes.size() >= k*n_tokens) {
-        for (int64_t i = 0; i < k*n_tokens; ++i) {
-            out[i] = bl.routes.front();
-            bl.routes.pop_front();
+    block & bl = blocks_[r.block];
+    if (bl.routes.empty()) {
+        for (int64_t t = 0; t < n_rows; ++t) {
+            const int32_t * row = (const int32_t *) ((const char *) src->data + t*src->nb[1]);
+            for (int64_t j = 0; j < k; ++j) {
+                out[t*k + j] = row[j*src->nb[0]/sizeof(int32_t)];
+            }
         }
         return;
     }
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        const int32_t * row = (const int32_t *) ((const char *) src->data + t*src->nb[1]);
+    // routes are queued per token of the ubatch; a block computed only for the output rows
+    // takes those rows' routes and still consumes the whole ubatch's
+    if (bl.routes_k != k || (int64_t) bl.routes.size() < k*n_ubatch || (!out_ids && n_rows != n_ubatch)) {
+        fatal("external routes of layer " + std::to_string(bl.layer) + " cover " +
+              std::to_string(bl.routes.size()/std::max<int64_t>(1, bl.routes_k)) + " tokens; the batch needs " +
+              std::to_string(n_ubatch) + " (set routes for every token of every layer before decoding)");
+    }
+    for (int64_t t = 0; t < n_rows; ++t) {
+        const int64_t tok = out_ids ? ((const int32_t *) out_ids->data)[t] : t;
+        if (tok < 0 || tok >= n_ubatch) {
+            fatal("internal: output row " + std::to_string(tok) + " outside the ubatch");
+        }
         for (int64_t j = 0; j < k; ++j) {
-            out[t*k + j] = row[j*src->nb[0]/sizeof(int32_t)];
+            out[t*k + j] = bl.routes[tok*k + j];
         }
     }
+    bl.routes.erase(bl.routes.begin(), bl.routes.begin() + k*n_ubatch);
 }
 
 int64_t expert_cache::next_use(expert_key key) const {
@@ -463,7 +507,12 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         int32_t s = bl.slot_of[e];
         if (s >= 0) {
             slot & sl = p.slots[s];
-            st.hits += uses;
+            if (sl.state == SLOT_LOADING) {
+                st.misses += 1; // still in flight: this use waits for it
+                st.hits   += uses - 1;
+            } else {
+                st.hits += uses;
+            }
             if (sl.prefetched) {
                 st.prefetch_hits++;
                 sl.prefetched = false;
@@ -476,6 +525,9 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             bool loading = false;
             for (const auto & o : p.slots) {
                 loading |= o.state == SLOT_LOADING;
+                if (o.failed) {
+                    fatal(io_error_);
+                }
             }
             if (!loading) {
                 fatal("internal: no evictable slot in layer " + std::to_string(bl.layer));
@@ -486,8 +538,15 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             // a concurrent prefetch claimed it while we waited: give the slot back
             p.slots[s] = slot();
             s = bl.slot_of[e];
-            p.slots[s].pin = now;
-            st.hits += uses;
+            slot & sl = p.slots[s];
+            sl.pin = now;
+            st.misses += 1;
+            st.hits   += uses - 1;
+            if (sl.prefetched) {
+                st.prefetch_hits++;
+                sl.prefetched = false;
+            }
+            p.pol->on_use(s, sl.key, now);
             continue;
         }
         slot & sl = p.slots[s];
@@ -499,7 +558,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         p.pol->on_use(s, sl.key, now);
         st.misses += 1;
         st.hits   += uses - 1;
-        jobs_.push_back(io_job{ bl.pool, s, w.block, e });
+        push_job(io_job{ bl.pool, s, w.block, e }, true);
         n_queued++;
     }
     if (n_queued > 0) {
@@ -515,8 +574,20 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         }
     }
 
-    // slot ids; pairs of other waves point at any slot and are masked out
-    const int32_t any = last > first ? bl.slot_of[bl.distinct[first]] : 0;
+    // slot ids; pairs of other waves point at a slot pinned for this step and are masked out.
+    // A wave past the last expert (the graph sizes waves for the worst case) reuses the last
+    // non-empty wave's first expert, which nothing has evicted since.
+    int32_t any;
+    if (last > first) {
+        any = bl.slot_of[bl.distinct[first]];
+    } else {
+        const int64_t lead = ((int64_t) (bl.distinct.size() - 1)/p.n_slots)*p.n_slots;
+        any = bl.slot_of[bl.distinct[lead]];
+        if (any < 0 || p.slots[any].state != SLOT_READY) {
+            fatal("internal: the last wave's experts are gone in layer " + std::to_string(bl.layer));
+        }
+        p.slots[any].pin = now;
+    }
     for (int64_t i = 0; i < n_pairs; ++i) {
         const int32_t r = bl.expert_rank[sel[i]];
         out[i] = (r >= first && r < last) ? bl.slot_of[sel[i]] : any;
@@ -534,6 +605,18 @@ void expert_cache::op_mask(ggml_tensor * dst, const wave_ctx & w) {
     }
 }
 
+void expert_cache::push_job(const io_job & j, bool urgent) {
+    GGML_ASSERT(jobs_count_ < jobs_.size());
+    if (urgent) {
+        // compute waits for this one: ahead of queued prefetches
+        jobs_head_ = (jobs_head_ + jobs_.size() - 1) % jobs_.size();
+        jobs_[jobs_head_] = j;
+    } else {
+        jobs_[(jobs_head_ + jobs_count_) % jobs_.size()] = j;
+    }
+    jobs_count_++;
+}
+
 void expert_cache::io_worker() {
     size_t bounce_size = 0;
     for (const auto & p : pools_) {
@@ -549,12 +632,13 @@ void expert_cache::io_worker() {
         io_job job;
         {
             std::unique_lock<std::mutex> lock(mu_);
-            cv_jobs_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+            cv_jobs_.wait(lock, [&] { return stop_ || jobs_count_ > 0; });
             if (stop_) {
                 break;
             }
-            job = jobs_.front();
-            jobs_.pop_front();
+            job = jobs_[jobs_head_];
+            jobs_head_ = (jobs_head_ + 1) % jobs_.size();
+            jobs_count_--;
         }
         load(job, bounce, bounce ? bounce_size : 0);
     }
@@ -586,6 +670,14 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
         if (ok) {
             st.bytes_read += bytes;
             sl.state = SLOT_READY;
+        } else if (sl.prefetched) {
+            // nobody waits for a hint: give the slot back, a later use loads it on demand
+            blocks_[job.block].slot_of[job.expert] = -1;
+            p.pol->on_evict(job.slot);
+            sl = slot();
+            if (!opts_.quiet) {
+                fprintf(stderr, "edgemoe: prefetch failed: %s\n", err.c_str());
+            }
         } else {
             sl.failed = true;
             io_error_ = err;
@@ -625,7 +717,7 @@ int expert_cache::prefetch(int32_t layer, const int32_t * experts, int32_t n, st
         bl.slot_of[e] = s;
         p.pol->on_fill(s, sl.key, step_);
         stats_[bl.layer].prefetch_issued++;
-        jobs_.push_back(io_job{ bl.pool, s, b, e });
+        push_job(io_job{ bl.pool, s, b, e }, false);
         n_queued++;
     }
     if (n_queued > 0) {

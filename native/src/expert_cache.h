@@ -41,7 +41,8 @@ struct layer_stats {
 
 class expert_cache;
 
-// one wave of one block: the custom ops' userdata
+// the custom ops' userdata: one wave of one block (index < count), or a block's route op
+// for ubatches of `count` tokens (index == -1)
 struct wave_ctx {
     expert_cache * cache;
     int32_t block;
@@ -67,9 +68,10 @@ public:
     bool   bind(int32_t il, const ggml_tensor * up, const ggml_tensor * gate, const ggml_tensor * down,
                 const ggml_tensor * gate_up, ggml_tensor ** slots, int32_t * n_slots, void ** unit);
     void * wave(void * unit, int32_t i, int32_t n);
+    void * route_ctx(void * unit, int32_t n_ubatch_tokens);
 
     // graph compute (custom ops, one thread)
-    void op_route(ggml_tensor * dst, int32_t block);
+    void op_route(ggml_tensor * dst, const wave_ctx & r);
     void op_remap(ggml_tensor * dst, const wave_ctx & w);
     void op_mask(ggml_tensor * dst, const wave_ctx & w);
 
@@ -109,6 +111,7 @@ private:
         std::vector<int32_t> slot_of;            // expert -> slot or -1
         std::unique_ptr<wave_ctx> unit;          // the block's handle in the graph (route op userdata)
         std::map<std::pair<int32_t, int32_t>, std::unique_ptr<wave_ctx>> waves;
+        std::map<int32_t, std::unique_ptr<wave_ctx>> routes_ctx; // per ubatch size
         // the partition of the current ubatch, fixed by wave 0
         std::vector<int32_t> distinct;           // experts, wave order
         std::vector<int32_t> uses;               // per distinct expert
@@ -153,7 +156,11 @@ private:
     mutable std::mutex      mu_;
     std::condition_variable cv_done_;   // a load finished
     std::condition_variable cv_jobs_;   // a job queued or stop
-    std::deque<io_job>      jobs_;
+    // queued loads: a ring as large as all slots (a slot has at most one load queued), so
+    // queueing never allocates
+    std::vector<io_job>     jobs_;
+    size_t jobs_head_ = 0, jobs_count_ = 0;
+    void push_job(const io_job & j, bool urgent); // under mu_
     std::vector<std::thread> threads_;
     bool stop_ = false;
     std::string io_error_;

@@ -161,6 +161,11 @@ bool read_model_layout(const std::string & path, model_layout & out, std::string
             out.non_expert_bytes += nbytes;
             continue;
         }
+        if (il < 0 || (out.n_layer > 0 && il >= out.n_layer) || il > (1 << 20)) {
+            *err = path + ": tensor " + name + " names a layer outside the model";
+            ok = false;
+            break;
+        }
         moe_block & b = blocks[il];
         b.layer = il;
         role_tensor & r = b.roles[role];

@@ -140,7 +140,8 @@ public:
         }
         int32_t best = -1;
         int64_t best_d = -1;
-        std::vector<int32_t> never;
+        auto & never = never_;
+        never.clear();
         for (int32_t s : cand) {
             const int64_t d = next_use(key_[s]);
             if (d == std::numeric_limits<int64_t>::max()) {
@@ -162,6 +163,7 @@ public:
 private:
     std::vector<expert_key> key_;
     freq_aged_policy fallback_;
+    std::vector<int32_t> never_; // scratch
 };
 
 } // namespace

@@ -5,6 +5,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -12,7 +13,7 @@
 #include <vector>
 
 struct edgemoe_route_recorder {
-    std::mutex mu;
+    mutable std::mutex mu;
     int32_t k = 0;
     std::vector<int32_t> rows;             // (layer, token, k ids) flattened
     std::vector<int64_t> tokens_per_layer; // running token index per layer
@@ -92,18 +93,27 @@ void edgemoe_route_recorder_clear(edgemoe_route_recorder * rec) {
 }
 
 int32_t edgemoe_route_recorder_k(const edgemoe_route_recorder * rec) {
-    return rec ? rec->k : 0;
+    if (!rec) {
+        return 0;
+    }
+    std::lock_guard<std::mutex> lock(rec->mu);
+    return rec->k;
 }
 
 int64_t edgemoe_route_recorder_count(const edgemoe_route_recorder * rec) {
-    if (!rec || rec->k == 0) {
+    if (!rec) {
         return 0;
     }
-    return (int64_t) rec->rows.size()/(2 + rec->k);
+    std::lock_guard<std::mutex> lock(rec->mu);
+    return rec->k == 0 ? 0 : (int64_t) rec->rows.size()/(2 + rec->k);
 }
 
 int64_t edgemoe_route_recorder_read(const edgemoe_route_recorder * rec, int32_t * out, int64_t cap_rows) {
-    if (!rec || !out || cap_rows <= 0 || rec->k == 0) {
+    if (!rec || !out || cap_rows <= 0) {
+        return 0;
+    }
+    std::lock_guard<std::mutex> lock(rec->mu);
+    if (rec->k == 0) {
         return 0;
     }
     const int64_t width = 2 + rec->k;
