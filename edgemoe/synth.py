@@ -32,6 +32,9 @@ MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")
 DENSE_ARCHS = ("qwen3", "llama")
 ARCHS = MOE_ARCHS + DENSE_ARCHS
 
+# the shared embedding component that carries router_skew (RMS norm keeps it near this size)
+_EMBD_OFFSET = 4.0
+
 _TYPES = {"F32": QType.F32, "F16": QType.F16, "Q8_0": QType.Q8_0, "Q4_0": QType.Q4_0}
 
 
@@ -50,6 +53,10 @@ class SynthConfig:
         vocab: path of a vocab GGUF whose tokenizer is copied.
         alignment: GGUF data alignment (32 is llama.cpp's default; 4096 aligns expert slices
             for O_DIRECT when a slice is a multiple of 4 KiB).
+        router_skew: 0 routes near uniformly. Above 0, every token embedding gets a constant
+            component in dimension 0 and each router a per-expert weight on it, so that each
+            layer favours some experts, with a bias of this standard deviation in logit units,
+            as trained models (and some random initialisations) do.
     """
 
     arch: str = "qwen3moe"
@@ -70,6 +77,7 @@ class SynthConfig:
     seed: int = 0
     alignment: int = 32
     name: str = "edgemoe-synthetic"
+    router_skew: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -113,8 +121,9 @@ class _TensorSpec:
     name: str
     ne: Tuple[int, ...]  # ggml order: ne[0] is the row length
     qtype: QType
-    init: str            # "normal" or "ones"
+    init: str            # "normal", "ones", or "normal+offset0" / "normal+skew0" (router_skew)
     scale: float = 1.0
+    extra: float = 0.0   # router_skew / _EMBD_OFFSET for "normal+skew0"
 
     @property
     def np_shape(self) -> Tuple[int, ...]:
@@ -221,7 +230,8 @@ def _tensor_specs(cfg: SynthConfig, n_vocab: int) -> Iterator[_TensorSpec]:
         return _TensorSpec(name, (n_in, n_out), qtype, "normal", gain / math.sqrt(n_in))
 
     # embeddings are RMS-normed before use, so their scale only sets the residual mix
-    yield _TensorSpec(_name(T.TOKEN_EMBD), (E, n_vocab), et, "normal", 1.0)
+    skew = cfg.router_skew > 0
+    yield _TensorSpec(_name(T.TOKEN_EMBD), (E, n_vocab), et, "normal+offset0" if skew else "normal", 1.0)
     yield _TensorSpec(_name(T.OUTPUT_NORM), (E,), f32, "ones")
     if not cfg.tie_output:
         # logit std about 2: peaked enough to generate words, far from overflow
@@ -248,7 +258,11 @@ def _tensor_specs(cfg: SynthConfig, n_vocab: int) -> Iterator[_TensorSpec]:
             continue
 
         # router logits with std about 3 so that top-k varies from token to token
-        yield proj(_name(T.FFN_GATE_INP, i), E, X, wt, gain=3.0)
+        router = proj(_name(T.FFN_GATE_INP, i), E, X, wt, gain=3.0)
+        if skew:
+            router = _TensorSpec(router.name, router.ne, router.qtype, "normal+skew0", router.scale,
+                                 cfg.router_skew / _EMBD_OFFSET)
+        yield router
         yield _TensorSpec(_name(T.FFN_GATE_EXP, i), (E, Fx, X), xt, "normal", 0.5 / math.sqrt(E))
         yield _TensorSpec(_name(T.FFN_DOWN_EXP, i), (Fx, E, X), xt, "normal", 0.5 / math.sqrt(Fx))
         yield _TensorSpec(_name(T.FFN_UP_EXP, i), (E, Fx, X), xt, "normal", 0.5 / math.sqrt(E))
@@ -266,6 +280,10 @@ def _draw(spec: _TensorSpec, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
         data = rng.standard_normal(spec.np_shape, dtype=np.float32)
         data *= np.float32(spec.scale)
+        if spec.init == "normal+offset0":
+            data[:, 0] = _EMBD_OFFSET  # rows are tokens: a component every token shares
+        elif spec.init == "normal+skew0":
+            data[:, 0] = rng.standard_normal(data.shape[0], dtype=np.float32) * np.float32(spec.extra)
     if spec.qtype == QType.F32:
         return data
     if spec.qtype == QType.F16:
