@@ -1,0 +1,373 @@
+"""Expert-cache benchmark: edgemoe against stock llama.cpp (cache off), warm and cold.
+
+Writes a synthetic qwen3moe model (16 layers x 64 experts, top-8, Q8_0, experts > 90 % of the
+bytes) unless --model is given, then runs, each configuration in its own process:
+
+  warm   cache off and budgets 100/50/25 %, no memory limit, the model file in the page cache;
+  cold   budgets 10/25/50 % and stock at the same limits: a cgroup v1 memory limit of
+         non-expert bytes + budget + 300 MiB, the model's pages dropped before each run, the
+         disk read-ahead at 128 KiB (restored afterwards); with --also-default-readahead the
+         cold pairs run again at the disk's own read-ahead, reported separately.
+
+For the floor it measures O_DIRECT bandwidth on the model's expert slices and replays the
+routes recorded in a cache-off run through simulations of LRU, LFU, the default policy and
+Belady at each budget. Needs root (cgroups, read-ahead, dropping pages).
+
+    python benchmarks/expert_cache.py --out benchmarks/out/expert_cache.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cache_sim import simulate  # noqa: E402
+
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+OVERHEAD = 300 << 20
+
+
+# -- the model -------------------------------------------------------------------------
+
+def ensure_model(path: Path, router_skew: float) -> Path:
+    if path.exists():
+        return path
+    from edgemoe.synth import SynthConfig, write_model
+    from edgemoe._native import vocab_dir
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = SynthConfig(arch="qwen3moe", vocab=str(vocab_dir() / "ggml-vocab-gpt-2.gguf"), n_layer=16, n_embd=1024,
+                      n_ff=2048, n_ff_exp=1024, n_expert=64, n_expert_used=8, n_head=16, n_head_kv=4,
+                      expert_type="Q8_0", weight_type="Q8_0", embd_type="Q8_0", alignment=4096, seed=7,
+                      router_skew=router_skew, name="edgemoe-bench-qwen3moe")
+    print(f"writing {path} ...", file=sys.stderr, flush=True)
+    write_model(path, cfg)
+    return path
+
+
+# -- system knobs, each restored -------------------------------------------------------
+
+def block_device_of(path: Path) -> Path | None:
+    dev = os.stat(path).st_dev
+    sysfs = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sysfs.exists():
+        return None
+    real = sysfs.resolve()
+    # a partition's queue is its parent's
+    queue = real / "queue" if (real / "queue").exists() else real.parent / "queue"
+    return queue / "read_ahead_kb" if (queue / "read_ahead_kb").exists() else None
+
+
+@contextlib.contextmanager
+def read_ahead(path: Path, kb: int | None):
+    knob = block_device_of(path)
+    if kb is None or knob is None:
+        yield None
+        return
+    old = int(knob.read_text())
+    knob.write_text(str(kb))
+    try:
+        yield old
+    finally:
+        knob.write_text(str(old))
+
+
+def drop_file_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int | None):
+    if limit is None:
+        yield None
+        return
+    cg = CGROUP_V1 / f"edgemoe-bench-{os.getpid()}-{random.randrange(1 << 30)}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        with contextlib.suppress(OSError):
+            (cg / "memory.swappiness").write_text("0")
+        yield cg
+    finally:
+        # move anything left back to the root, then remove
+        with contextlib.suppress(OSError):
+            for pid in (cg / "cgroup.procs").read_text().split():
+                (CGROUP_V1 / "cgroup.procs").write_text(pid)
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+# -- O_DIRECT bandwidth ----------------------------------------------------------------
+
+def direct_bandwidth(path: Path, experts: list[list[tuple[int, int]]], total: int, threads: int = 4) -> float:
+    """GB/s of cold O_DIRECT reads of random whole experts (one pread per role slice), read the
+    way the cache reads them: `threads` threads, each with its own descriptor and aligned buffer."""
+    drop_file_pages(path)
+    rng = random.Random(1)
+    picks, n = [], 0
+    while n < total:
+        e = rng.choice(experts)
+        picks.append(e)
+        n += sum(size for _, size in e)
+    span_max = max(size for e in experts for _, size in e) + 2 * 4096
+
+    def worker(jobs):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, span_max)
+        done = 0
+        try:
+            for slices in jobs:
+                for off, size in slices:
+                    start = off - off % 4096
+                    span = ((off + size + 4095) // 4096) * 4096 - start
+                    done += os.preadv(fd, [memoryview(buf)[:span]], start)
+        finally:
+            os.close(fd)
+            buf.close()
+        return done
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        done = sum(pool.map(worker, [picks[i::threads] for i in range(threads)]))
+    return done / (time.perf_counter() - t0) / 1e9
+
+
+def expert_slices(path: Path) -> tuple[list[list[tuple[int, int]]], int]:
+    """Per (layer, expert): the (offset, bytes) of each role's slice; and bytes of one expert."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    experts: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for t in r.tensors:
+        if t.name.endswith("_exps.weight"):
+            n_expert = int(t.shape[-1])
+            size = int(t.n_bytes) // n_expert
+            layer = t.name.split(".")[1]
+            for e in range(n_expert):
+                experts.setdefault((layer, e), []).append((int(t.data_offset) + e * size, size))
+    per_expert = sum(size for _, size in next(iter(experts.values())))
+    return list(experts.values()), per_expert
+
+
+# -- one configuration, in a child process ---------------------------------------------
+
+def child(cfg: dict) -> dict:
+    from edgemoe.engine import Engine
+    from edgemoe.routes import RouteRecorder
+
+    rec = RouteRecorder() if cfg.get("record") else None
+    rng = np.random.default_rng(cfg["seed"])
+    t0 = time.perf_counter()
+    with Engine(cfg["model"], expert_cache=cfg["budget"], policy=cfg.get("policy", "default"),
+                io=cfg.get("io", "direct"), n_threads=cfg["threads"], n_ctx=1024, route_recorder=rec) as e:
+        load_s = time.perf_counter() - t0
+        if cfg.get("prefetch_all") and e.cache is not None:
+            # a warm cache at a full budget: every expert resident before timing
+            for il in range(e.n_layer):
+                e.cache.prefetch(il, list(range(cfg["n_expert"])))
+        prompt = rng.integers(1000, e.n_vocab - 1000, size=cfg["n_prompt"]).tolist()
+        t1 = time.perf_counter()
+        logits = e.eval(prompt)
+        pp_ms = (time.perf_counter() - t1) * 1e3
+        tok = int(logits[-1].argmax())
+        for _ in range(cfg["n_warmup"]):
+            tok = int(e.eval([tok])[-1].argmax())
+        e.reset_stats()
+        times = []
+        for _ in range(cfg["n_gen"]):
+            t = time.perf_counter()
+            tok = int(e.eval([tok])[-1].argmax())
+            times.append((time.perf_counter() - t) * 1e3)
+        s = e.stats()
+        out = {
+            "load_s": load_s, "pp_ms": pp_ms, "tpot_ms": float(np.mean(times)),
+            "tpot_p50_ms": float(np.percentile(times, 50)), "tpot_p90_ms": float(np.percentile(times, 90)),
+            "samples_ms": times, "hits": s.hits, "misses": s.misses, "hit_rate": s.hit_rate,
+            "bytes_read": s.bytes_read, "stall_ms": s.stall_ms, "read_ms": s.read_ms,
+            "expert_cache_bytes": s.expert_cache_bytes, "peak_rss_bytes": s.peak_rss_bytes,
+        }
+    if rec is not None:
+        out["routes"] = rec.rows().tolist()
+    return out
+
+
+def run_child(cfg: dict, cgroup: Path | None) -> dict:
+    def enter():
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                       preexec_fn=enter, env=env)
+    if p.returncode != 0:
+        oom = p.returncode in (-9, 137)
+        return {"error": "OOM (killed)" if oom else f"exit {p.returncode}: {p.stderr.strip()[-400:]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# -- the sweep -------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="default: a synthetic 3.6 GB qwen3moe written to benchmarks/out/")
+    ap.add_argument("--router-skew", type=float, default=0.0,
+                    help="router skew of the synthetic model (0: near-uniform routing; 8: 16 of 64 experts "
+                         "take about 95 %% of a layer's uses)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "expert_cache.json")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--n-prompt", type=int, default=16)
+    ap.add_argument("--n-warmup", type=int, default=16)
+    ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--also-default-readahead", action="store_true")
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    from edgemoe.cache import inspect_model
+
+    model = args.model or ROOT / "benchmarks" / "out" / f"bench-qwen3moe-q8-skew{args.router_skew:g}.gguf"
+    model = ensure_model(model, args.router_skew)
+    info = inspect_model(str(model))
+    expert_bytes, non_expert = info.expert_bytes, info.non_expert_bytes
+    slices, per_expert = expert_slices(model)
+    base = dict(model=str(model), threads=args.threads, n_prompt=args.n_prompt, n_gen=args.n_gen, seed=1,
+                n_expert=info.n_expert)
+    results = {"model": str(model), "expert_bytes": expert_bytes, "non_expert_bytes": non_expert,
+               "expert_share": expert_bytes / (expert_bytes + non_expert), "bytes_per_expert": per_expert,
+               "machine": platform.node(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+               "runs": []}
+
+    def record(kind, label, budget, limit, res):
+        row = {"kind": kind, "config": label, "budget": budget, "mem_limit": limit, **res}
+        results["runs"].append(row)
+        shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+                 if k not in ("samples_ms", "routes")}
+        print(json.dumps(shown), file=sys.stderr, flush=True)
+
+    # routes of the timed window, from a warm cache-off run (greedy decoding: identical in every run)
+    warm_file(model)
+    ref = run_child({**base, "budget": None, "n_warmup": args.n_warmup, "record": True}, None)
+    routes = np.array(ref.pop("routes"), dtype=np.int32)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out.with_suffix(".routes.npy"), routes)  # (layer, token, k ids) rows, for replays
+    results["bandwidth_gbps"] = direct_bandwidth(model, slices, 2 << 30)
+    print(f"O_DIRECT bandwidth: {results['bandwidth_gbps']:.2f} GB/s", file=sys.stderr, flush=True)
+
+    # warm: no limit, the file in the page cache; at 100 % every expert resident before timing
+    for rep in range(args.repeats):
+        for budget in (None, "100%", "50%", "25%"):
+            warm_file(model)
+            res = run_child({**base, "budget": budget, "n_warmup": args.n_warmup, "prefetch_all": budget == "100%"},
+                            None)
+            record("warm", "stock" if budget is None else f"edgemoe {budget}", budget, None, res)
+
+    # cold: same limit for both, read-ahead 128 KiB
+    def cold_pairs(kind, ra_kb):
+        with read_ahead(model, ra_kb) as old:
+            results.setdefault("read_ahead_restored", {})[kind] = old
+            for rep in range(args.repeats):
+                for pct in (10, 25, 50):
+                    limit = non_expert + int(expert_bytes * pct / 100) + OVERHEAD
+                    for budget in (f"{pct}%", None):
+                        drop_file_pages(model)
+                        with memory_cgroup(limit) as cg:
+                            res = run_child({**base, "budget": budget, "n_warmup": 0}, cg)
+                        record(kind, "stock" if budget is None else f"edgemoe {budget}", f"{pct}%", limit, res)
+
+    cold_pairs("cold", 128)
+    if args.also_default_readahead:
+        cold_pairs("cold-default-readahead", None)
+
+    # floors from the recorded routes: misses x bytes per expert / bandwidth (+ warm compute: the
+    # cache at 100 % with every expert resident)
+    warm_100 = [r for r in results["runs"] if r["kind"] == "warm" and r["budget"] == "100%" and "tpot_ms" in r]
+    compute_ms = float(np.mean([r["tpot_ms"] for r in warm_100])) if warm_100 else float("nan")
+    n_slots_all = info.n_moe_layer * info.n_expert
+    n_skip = args.n_prompt + args.n_warmup
+    sims = {}
+    for pct in (10, 25, 50, 100):
+        slots = max(info.n_expert_used, int(n_slots_all * pct / 100))
+        for policy in ("lru", "lfu", "default", "belady"):
+            sim = simulate(routes, slots, policy, prompt_tokens=args.n_prompt, count_from_token=n_skip)
+            io_ms = sim["misses"] / args.n_gen * per_expert / (results["bandwidth_gbps"] * 1e9) * 1e3
+            sims[f"{pct}%/{policy}"] = {**sim, "misses_per_token": sim["misses"] / args.n_gen, "io_ms": io_ms,
+                                        "floor_no_overlap_ms": compute_ms + io_ms,
+                                        "floor_overlap_ms": max(compute_ms, io_ms)}
+    # cold runs start empty: simulate them from their own first token too
+    for pct in (10, 25, 50):
+        slots = max(info.n_expert_used, int(n_slots_all * pct / 100))
+        for policy in ("default", "belady"):
+            # a cold run times the first n_gen decode tokens, from an empty pool
+            sim = simulate(routes, slots, policy, prompt_tokens=args.n_prompt, count_from_token=args.n_prompt,
+                           stop_token=args.n_prompt + args.n_gen)
+            io_ms = sim["misses"] / args.n_gen * per_expert / (results["bandwidth_gbps"] * 1e9) * 1e3
+            sims[f"cold {pct}%/{policy}"] = {**sim, "misses_per_token": sim["misses"] / args.n_gen, "io_ms": io_ms,
+                                             "floor_no_overlap_ms": compute_ms + io_ms,
+                                             "floor_overlap_ms": max(compute_ms, io_ms)}
+    results["warm_compute_ms"] = compute_ms
+    results["simulations"] = sims
+    results["routing"] = routing_stats(routes, info.n_expert, args.n_prompt)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def routing_stats(routes: np.ndarray, n_expert: int, n_prompt: int) -> dict:
+    """Skew of the recorded routing: share of uses taken by the top quarter of experts per layer,
+    usage entropy (bits) and the expert overlap ratio between consecutive decode tokens."""
+    layers = np.unique(routes[:, 0])
+    top_quarter, entropy, eor = [], [], []
+    for il in layers:
+        r = routes[routes[:, 0] == il]
+        ids = r[:, 2:]
+        counts = np.bincount(ids.ravel(), minlength=n_expert).astype(float)
+        p = counts / counts.sum()
+        top_quarter.append(np.sort(p)[::-1][: n_expert // 4].sum())
+        nz = p[p > 0]
+        entropy.append(float(-(nz * np.log2(nz)).sum()))
+        dec = ids[n_prompt:]
+        k = ids.shape[1]
+        eor += [len(set(a) & set(b)) / k for a, b in zip(dec[:-1], dec[1:])]
+    return {"top_quarter_share": float(np.mean(top_quarter)), "entropy_bits": float(np.mean(entropy)),
+            "max_entropy_bits": float(np.log2(n_expert)), "eor": float(np.mean(eor)) if eor else None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
