@@ -249,6 +249,8 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--also-default-readahead", action="store_true")
+    ap.add_argument("--ab-full", type=int, default=0, metavar="N",
+                    help="only compare stock and edgemoe 100 %% warm, alternating N times (this machine is noisy)")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -276,6 +278,9 @@ def main() -> int:
         shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
                  if k not in ("samples_ms", "routes")}
         print(json.dumps(shown), file=sys.stderr, flush=True)
+
+    if args.ab_full:
+        return ab_full(args, base, model, results)
 
     # routes of the timed window, from a warm cache-off run (greedy decoding: identical in every run)
     warm_file(model)
@@ -346,6 +351,29 @@ def main() -> int:
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def ab_full(args, base: dict, model: Path, results: dict) -> int:
+    """Stock against edgemoe at 100 % (all resident), warm, alternating, each in a fresh process."""
+    warm_file(model)
+    pairs = []
+    for i in range(args.ab_full):
+        row = {}
+        for budget in ((None, "100%") if i % 2 == 0 else ("100%", None)):
+            res = run_child({**base, "budget": budget, "n_warmup": args.n_warmup, "prefetch_all": budget == "100%"},
+                            None)
+            row["stock" if budget is None else "edgemoe"] = res["tpot_ms"]
+        pairs.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    ratios = [p["edgemoe"] / p["stock"] for p in pairs]
+    results["ab_full"] = {"pairs": pairs, "ratio_median": float(np.median(ratios)),
+                          "ratio_mean": float(np.mean(ratios)), "ratio_sd": float(np.std(ratios, ddof=1))}
+    print(json.dumps(results["ab_full"]), file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, args.out)
     return 0
 
 
