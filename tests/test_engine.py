@@ -389,3 +389,38 @@ def test_external_routes_are_obeyed(tiny_models, arch):
         e.eval([int(prompt[0])])
     assert len(rows) == len(routes) * len(prompt)
     assert (rows[:, 2:] == forced[0]).all()
+
+
+@needs_cache
+def test_belady_uses_the_queued_future(tiny_models):
+    """With every route queued, Belady misses no more than the online policies, stays exact,
+    and beats LRU when the pool is smaller than a token's working set."""
+    path = tiny_models["qwen3moe"]
+    prompt = _prompt(12, seed=7)
+    n_decode = 40
+    routes, tokens = _recorded_routes(path, prompt, n_decode)
+    budget = _min_budget(path) * 3 // 2  # 3 slots of 2 x 2 layers: less than one token's 4
+    ref = _reference_over(path, tokens, len(prompt))
+    misses = {}
+    for policy in ("lru", "default", "belady"):
+        with _engine(path, expert_cache=budget, policy=policy) as e:
+            if policy == "belady":
+                for il, r in routes.items():
+                    e.cache.set_routes(il, r)
+            got = _replay(e, tokens, len(prompt))
+            misses[policy] = e.stats().misses
+        assert np.array_equal(got, ref), policy
+    assert misses["belady"] <= misses["default"]
+    assert misses["belady"] < misses["lru"]
+
+
+def _replay(engine, tokens, n_prompt):
+    out = [engine.eval(tokens[:n_prompt])]
+    for t in tokens[n_prompt:]:
+        out.append(engine.eval([t]))
+    return np.concatenate(out)
+
+
+def _reference_over(path, tokens, n_prompt):
+    with _engine(path) as e:
+        return _replay(e, tokens, n_prompt)

@@ -373,7 +373,11 @@ int64_t expert_cache::next_use(expert_key key) const {
     const int64_t n = (int64_t) bl.routes.size();
     for (int64_t i = 0; i < n; ++i) {
         if (bl.routes[i] == e) {
-            return (i/bl.routes_k)*(int64_t) blocks_.size() + b;
+            // blocks up to the current one have already taken this ubatch's routes: their
+            // queue starts at the next token, the blocks after it still at this one
+            const int64_t n_blocks = (int64_t) blocks_.size();
+            const int64_t ahead = ((b - cur_block_ - 1 + n_blocks) % n_blocks) + 1;
+            return (i/bl.routes_k)*n_blocks + ahead;
         }
     }
     return std::numeric_limits<int64_t>::max();
@@ -438,6 +442,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     pool & p = pools_[bl.pool];
     layer_stats & st = stats_[bl.layer];
     const uint64_t now = ++step_;
+    cur_block_ = w.block;
 
     if (w.index == 0) {
         // fix the partition of this ubatch: resident experts first, so that a split ubatch

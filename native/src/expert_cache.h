@@ -166,6 +166,7 @@ private:
     std::string io_error_;
 
     uint64_t step_ = 1; // advances per remap; pins and policy clocks use it
+    int32_t  cur_block_ = 0; // block of the step in progress (Belady's distances start there)
     std::vector<layer_stats> stats_; // per layer
 };
 
