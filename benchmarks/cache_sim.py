@@ -91,8 +91,8 @@ def simulate(routes: np.ndarray, slots: int, policy: str, prompt_tokens: int, co
                 elif counted:
                     hits += int(u)
                 last[s] = now
-                count[key] += 1
-                score[key] = score[key] * math.exp(-lam * (now - at[key])) + 1.0
+                count[key] += int(u)  # a use per token, as the native policies count
+                score[key] = score[key] * math.exp(-lam * (now - at[key])) + float(u)
                 at[key] = now
     total = hits + misses
     return {"policy": policy, "slots": slots, "hits": hits, "misses": misses,

@@ -522,7 +522,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
                 st.prefetch_hits++;
                 sl.prefetched = false;
             }
-            p.pol->on_use(s, sl.key, now);
+            p.pol->on_use(s, sl.key, now, (uint32_t) uses);
             continue;
         }
         while ((s = acquire_slot(p, now, false)) < 0) {
@@ -551,7 +551,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
                 st.prefetch_hits++;
                 sl.prefetched = false;
             }
-            p.pol->on_use(s, sl.key, now);
+            p.pol->on_use(s, sl.key, now, (uint32_t) uses);
             continue;
         }
         slot & sl = p.slots[s];
@@ -560,7 +560,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         sl.pin   = now;
         bl.slot_of[e] = s;
         p.pol->on_fill(s, sl.key, now);
-        p.pol->on_use(s, sl.key, now);
+        p.pol->on_use(s, sl.key, now, (uint32_t) uses);
         st.misses += 1;
         st.hits   += uses - 1;
         push_job(io_job{ bl.pool, s, w.block, e }, true);

@@ -11,7 +11,7 @@ class lru_policy : public policy {
 public:
     explicit lru_policy(int32_t n_slots) : last_(n_slots, 0) {}
 
-    void on_use(int32_t slot, expert_key, uint64_t now) override { last_[slot] = now; }
+    void on_use(int32_t slot, expert_key, uint64_t now, uint32_t) override { last_[slot] = now; }
     void on_fill(int32_t slot, expert_key, uint64_t now) override { last_[slot] = now; }
     void on_evict(int32_t) override {}
 
@@ -39,7 +39,10 @@ public:
     lfu_policy(int32_t n_slots, int32_t n_blocks, int32_t n_expert) :
         key_(n_slots, 0), last_(n_slots, 0), count_((size_t) n_blocks*n_expert, 0), n_expert_(n_expert) {}
 
-    void on_use(int32_t slot, expert_key key, uint64_t now) override { count_[index(key)]++; last_[slot] = now; }
+    void on_use(int32_t slot, expert_key key, uint64_t now, uint32_t uses) override {
+        count_[index(key)] += uses;
+        last_[slot] = now;
+    }
     void on_fill(int32_t slot, expert_key key, uint64_t now) override { key_[slot] = key; last_[slot] = now; }
     void on_evict(int32_t) override {}
 
@@ -67,18 +70,18 @@ private:
 };
 
 // Frequency with exponential aging, remembered across evictions: a key's score halves every
-// half_life steps and gains 1 per use. Frequent experts survive a working set larger than the
-// pool (where LRU evicts everything before its reuse), and aging lets a shifted working set
-// take over. Ties go to the least recently used.
+// half_life steps and gains 1 per use (per token: a prompt counts each of its tokens). Frequent
+// experts survive a working set larger than the pool (where LRU evicts everything before its
+// reuse), and aging lets a shifted working set take over. Ties go to the least recently used.
 class freq_aged_policy : public policy {
 public:
     freq_aged_policy(int32_t n_slots, int32_t n_blocks, int32_t n_expert, double half_life) :
         key_(n_slots, 0), last_(n_slots, 0), hist_((size_t) n_blocks*n_expert, entry{0.0, 0}),
         n_expert_(n_expert), lambda_(std::log(2.0)/std::max(1.0, half_life)) {}
 
-    void on_use(int32_t slot, expert_key key, uint64_t now) override {
+    void on_use(int32_t slot, expert_key key, uint64_t now, uint32_t uses) override {
         entry & e = hist_[index(key)];
-        e.score = decayed(e, now) + 1.0;
+        e.score = decayed(e, now) + (double) uses;
         e.at    = now;
         last_[slot] = now;
     }
@@ -130,7 +133,9 @@ public:
     belady_policy(int32_t n_slots, int32_t n_blocks, int32_t n_expert, double half_life) :
         key_(n_slots, 0), fallback_(n_slots, n_blocks, n_expert, half_life) {}
 
-    void on_use(int32_t slot, expert_key key, uint64_t now) override { fallback_.on_use(slot, key, now); }
+    void on_use(int32_t slot, expert_key key, uint64_t now, uint32_t uses) override {
+        fallback_.on_use(slot, key, now, uses);
+    }
     void on_fill(int32_t slot, expert_key key, uint64_t now) override { key_[slot] = key; fallback_.on_fill(slot, key, now); }
     void on_evict(int32_t slot) override { fallback_.on_evict(slot); }
 

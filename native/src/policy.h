@@ -25,8 +25,9 @@ class policy {
 public:
     virtual ~policy() = default;
 
-    // a use of the key in slot (hit, or the first use after a fill); now increases per step
-    virtual void on_use(int32_t slot, expert_key key, uint64_t now) = 0;
+    // uses of the key in slot by one step (hits, or the uses after a fill): one per token of
+    // the ubatch that selected it; now increases per step
+    virtual void on_use(int32_t slot, expert_key key, uint64_t now, uint32_t uses) = 0;
     // the slot now holds key (it may not be used yet: prefetch)
     virtual void on_fill(int32_t slot, expert_key key, uint64_t now) = 0;
     virtual void on_evict(int32_t slot) = 0;

@@ -39,7 +39,7 @@ struct sim {
             const int s = find(make_key(block, e));
             if (s >= 0) {
                 hits++;
-                pol->on_use(s, make_key(block, e), now);
+                pol->on_use(s, make_key(block, e), now, 1);
                 pinned.push_back(s);
             }
         }
@@ -68,7 +68,7 @@ struct sim {
             }
             slot_key[s] = (int64_t) k;
             pol->on_fill(s, k, now);
-            pol->on_use(s, k, now);
+            pol->on_use(s, k, now, 1);
             pinned.push_back(s);
         }
     }
@@ -79,7 +79,7 @@ void test_lru_order() {
     p->on_fill(0, make_key(0, 0), 1);
     p->on_fill(1, make_key(0, 1), 2);
     p->on_fill(2, make_key(0, 2), 3);
-    p->on_use(0, make_key(0, 0), 4);
+    p->on_use(0, make_key(0, 0), 4, 1);
     CHECK_EQ(p->victim({0, 1, 2}, 5, next_use_fn()), 1);
     CHECK_EQ(p->victim({0, 2}, 5, next_use_fn()), 2);
 }
@@ -93,10 +93,10 @@ void test_lfu_keeps_frequent() {
     p->on_fill(1, make_key(0, 5), 1);
     p->on_fill(1, make_key(0, 1), 1);
     for (int i = 0; i < 5; ++i) {
-        p->on_use(0, make_key(0, 0), 2 + i);
-        p->on_use(2, make_key(0, 2), 2 + i);
+        p->on_use(0, make_key(0, 0), 2 + i, 1);
+        p->on_use(2, make_key(0, 2), 2 + i, 1);
     }
-    p->on_use(1, make_key(0, 1), 10); // most recent but least frequent
+    p->on_use(1, make_key(0, 1), 10, 1); // most recent but least frequent
     CHECK_EQ(p->victim({0, 1, 2}, 11, next_use_fn()), 1);
 }
 
