@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <map>
 #include <exception>
 #include <new>
 #include <string>
@@ -140,13 +139,9 @@ int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out) {
         out->min_budget_bytes = (int64_t) l.min_budget_bytes();
         out->data_alignment   = (int64_t) l.alignment;
         out->slices_aligned   = l.blocks.empty() ? 0 : (l.slices_aligned(DIRECT_ALIGN) ? 1 : 0);
-        std::map<std::string, uint64_t> pools;
-        for (const auto & b : l.blocks) {
-            pools[b.signature()] = b.expert_bytes();
-        }
-        out->n_pools = (int32_t) pools.size();
-        for (const auto & p : pools) {
-            out->slot_bytes_max = std::max<int64_t>(out->slot_bytes_max, (int64_t) p.second);
+        out->n_pools = (int32_t) l.pools.size();
+        for (const auto & p : l.pools) {
+            out->slot_bytes_max = std::max<int64_t>(out->slot_bytes_max, (int64_t) p.slot_bytes);
         }
         return (int) EDGEMOE_OK;
     });

@@ -93,23 +93,15 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         return false;
     }
 
-    // blocks sharing a signature share a pool: one slot holds every role of one expert
-    std::map<std::string, int32_t> pool_of;
-    std::vector<int32_t> blocks_in_pool;
+    // blocks of one layout share a pool: one slot holds every role of one expert
+    pools_.resize(layout_.pools.size());
+    for (size_t i = 0; i < pools_.size(); ++i) {
+        pools_[i].slot_bytes = layout_.pools[i].slot_bytes;
+    }
     for (const auto & b : layout_.blocks) {
-        const std::string sig = b.signature();
-        auto it = pool_of.find(sig);
-        if (it == pool_of.end()) {
-            it = pool_of.emplace(sig, (int32_t) pools_.size()).first;
-            pools_.emplace_back();
-            pools_.back().signature  = sig;
-            pools_.back().slot_bytes = b.expert_bytes();
-            blocks_in_pool.push_back(0);
-        }
-        blocks_in_pool[it->second]++;
         block bl;
         bl.layer = b.layer;
-        bl.pool  = it->second;
+        bl.pool  = b.pool;
         bl.slot_of.assign(layout_.n_expert, -1);
         bl.expert_rank.assign(layout_.n_expert, -1);
         bl.unit.reset(new wave_ctx{ this, (int32_t) blocks_.size(), -1, 0 });
@@ -141,7 +133,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     budget_bytes_ = 0;
     for (size_t i = 0; i < pools_.size(); ++i) {
         pool & p = pools_[i];
-        const int64_t all = (int64_t) blocks_in_pool[i]*layout_.n_expert;
+        const int64_t all = (int64_t) layout_.pools[i].n_blocks*layout_.n_expert;
         int64_t n = (int64_t) std::floor(fraction*(double) all + 1e-9);
         n = std::max<int64_t>(n, k);
         n = std::min<int64_t>(n, all);
@@ -180,16 +172,9 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         return false;
     }
 
-    double half_life = 0.0;
     for (size_t i = 0; i < pools_.size(); ++i) {
         pool & p = pools_[i];
-        const moe_block * proto = nullptr;
-        for (size_t b = 0; b < blocks_.size(); ++b) {
-            if (blocks_[b].pool == (int32_t) i) {
-                proto = &layout_.blocks[b];
-                break;
-            }
-        }
+        const moe_block * proto = &layout_.blocks[layout_.pools[i].first_block];
         for (int r = 0; r < ROLE_COUNT; ++r) {
             const role_tensor & rt = proto->roles[r];
             if (!rt.present) {
@@ -230,7 +215,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         p.slots.assign(p.n_slots, slot());
         p.candidates.reserve(p.n_slots);
         // aging over about 16 tokens' worth of steps of this pool's blocks
-        half_life = 16.0*(double) blocks_in_pool[i];
+        const double half_life = 16.0*(double) layout_.pools[i].n_blocks;
         p.pol = make_policy(opts.policy, p.n_slots, (int32_t) blocks_.size(), layout_.n_expert, half_life);
     }
 
@@ -415,13 +400,16 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
     if (p.candidates.empty()) {
         return -1;
     }
-    bool known_future = false;
-    for (const auto & bl : blocks_) {
-        known_future |= bl.routes_k > 0 && !bl.routes.empty();
-    }
     next_use_fn nu;
-    if (known_future && opts_.policy == policy_kind::belady) {
-        nu = [this](expert_key key) { return next_use(key); };
+    if (opts_.policy == policy_kind::belady) {
+        // only Belady reads the queued routes, and only while some are queued
+        bool known_future = false;
+        for (const auto & bl : blocks_) {
+            known_future |= !bl.routes.empty();
+        }
+        if (known_future) {
+            nu = [this](expert_key key) { return next_use(key); };
+        }
     }
     const int32_t v = p.pol->victim(p.candidates, now, nu);
     evict(p, v);
@@ -445,8 +433,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     cur_block_ = w.block;
 
     if (w.index == 0) {
-        // fix the partition of this ubatch: resident experts first, so that a split ubatch
-        // does not evict in one wave what a later wave finds resident
+        // the ubatch's distinct experts, in order of first use
         for (int32_t e : bl.distinct) {
             bl.expert_rank[e] = -1;
         }
@@ -467,30 +454,31 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         if ((int64_t) bl.distinct.size() > (int64_t) p.n_slots*w.count) {
             fatal("internal: more distinct experts than the waves can hold");
         }
-        std::vector<int32_t> & d = bl.distinct;
-        auto & order = bl.order;
-        order.clear();
-        for (size_t i = 0; i < d.size(); ++i) {
-            const bool resident = bl.slot_of[d[i]] >= 0;
-            order.emplace_back(resident ? 0 : 1, d[i]);
-        }
         if (w.count > 1) {
+            // a split ubatch takes its resident experts first, so that one wave does not
+            // evict what a later wave finds resident; the mask op reads the pairs' waves
+            std::vector<int32_t> & d = bl.distinct;
+            auto & order = bl.order;
+            order.clear();
+            for (int32_t e : d) {
+                order.emplace_back(bl.slot_of[e] >= 0 ? 0 : 1, e);
+            }
             std::sort(order.begin(), order.end());
-        }
-        auto & uses = bl.uses_sorted;
-        uses.resize(d.size());
-        for (size_t i = 0; i < order.size(); ++i) {
-            const int32_t e = order[i].second;
-            uses[i] = bl.uses[bl.expert_rank[e]];
-            d[i] = e;
-        }
-        for (size_t i = 0; i < d.size(); ++i) {
-            bl.expert_rank[d[i]] = (int32_t) i;
-        }
-        bl.uses.swap(uses);
-        bl.pair_wave.resize(n_pairs);
-        for (int64_t i = 0; i < n_pairs; ++i) {
-            bl.pair_wave[i] = bl.expert_rank[sel[i]]/p.n_slots;
+            auto & uses = bl.uses_sorted;
+            uses.resize(d.size());
+            for (size_t i = 0; i < order.size(); ++i) {
+                const int32_t e = order[i].second;
+                uses[i] = bl.uses[bl.expert_rank[e]];
+                d[i] = e;
+            }
+            for (size_t i = 0; i < d.size(); ++i) {
+                bl.expert_rank[d[i]] = (int32_t) i;
+            }
+            bl.uses.swap(uses);
+            bl.pair_wave.resize(n_pairs);
+            for (int64_t i = 0; i < n_pairs; ++i) {
+                bl.pair_wave[i] = bl.expert_rank[sel[i]]/p.n_slots;
+            }
         }
     }
 

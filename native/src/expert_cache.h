@@ -94,7 +94,6 @@ private:
     };
 
     struct pool {
-        std::string signature;
         int32_t n_slots = 0;
         uint64_t slot_bytes = 0;
         std::array<ggml_tensor *, ROLE_COUNT> tensors {};

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
-#include <set>
 #include <sys/stat.h>
 
 namespace edgemoe {
@@ -37,12 +36,9 @@ std::string moe_block::signature() const {
 }
 
 uint64_t model_layout::min_budget_bytes() const {
-    std::set<std::string> seen;
     uint64_t n = 0;
-    for (const auto & b : blocks) {
-        if (seen.insert(b.signature()).second) {
-            n += (uint64_t) n_expert_used * b.expert_bytes();
-        }
+    for (const auto & p : pools) {
+        n += (uint64_t) n_expert_used*p.slot_bytes;
     }
     return n;
 }
@@ -192,13 +188,20 @@ bool read_model_layout(const std::string & path, model_layout & out, std::string
     }
 
     if (ok) {
+        std::map<std::string, int32_t> pool_of;
         for (auto & kv : blocks) {
-            const moe_block & b = kv.second;
+            moe_block & b = kv.second;
             if (!b.roles[ROLE_DOWN].present || !(b.roles[ROLE_GATE_UP].present || b.roles[ROLE_UP].present)) {
                 *err = path + ": layer " + std::to_string(b.layer) + " has incomplete expert tensors";
                 ok = false;
                 break;
             }
+            const auto it = pool_of.emplace(b.signature(), (int32_t) out.pools.size()).first;
+            if (it->second == (int32_t) out.pools.size()) {
+                out.pools.push_back(pool_layout{ (int32_t) out.blocks.size(), 0, b.expert_bytes() });
+            }
+            b.pool = it->second;
+            out.pools[b.pool].n_blocks++;
             out.blocks.push_back(b);
         }
     }

@@ -27,10 +27,18 @@ struct role_tensor {
 // one build_moe_ffn call: a layer's routed experts
 struct moe_block {
     int32_t layer = -1;
+    int32_t pool  = -1;             // index into model_layout::pools
     std::array<role_tensor, ROLE_COUNT> roles;
 
     uint64_t expert_bytes() const;  // all roles of one expert
     std::string signature() const;  // equal for blocks that can share a slot pool
+};
+
+// blocks whose roles have the same types and shapes: one slot pool serves them all
+struct pool_layout {
+    int32_t  first_block = -1;      // a block of this layout (its roles describe the slots)
+    int32_t  n_blocks    = 0;
+    uint64_t slot_bytes  = 0;       // one expert, every role
 };
 
 struct model_layout {
@@ -45,6 +53,7 @@ struct model_layout {
     uint64_t expert_bytes     = 0;
     uint64_t non_expert_bytes = 0;
     std::vector<moe_block> blocks; // ordered by layer
+    std::vector<pool_layout> pools;
 
     // what one token needs resident in every pool at once
     uint64_t min_budget_bytes() const;
