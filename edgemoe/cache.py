@@ -62,7 +62,7 @@ def _encode_path(path) -> bytes:
 
 
 def inspect_model(path) -> ModelInfo:
-    """Describes a GGUF's experts without loading it (raises NoExpertsError for dense models)."""
+    """Describes a GGUF's experts without loading it; a dense model has n_moe_layer == 0."""
     out = B.edgemoe_model_info()
     B.check(B.edgemoe_model_inspect(_encode_path(path), ctypes.byref(out)))
     return ModelInfo(**{name: getattr(out, name) for name, _ in B.edgemoe_model_info._fields_}
@@ -87,7 +87,7 @@ class ExpertCache:
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
                  n_io_threads: int = 0, quiet: bool = False):
-        self._handle: Optional[int] = None
+        self._handle: Optional[int] = None  # close() must work however far __init__ got
         self._attached = False
         if policy not in B.POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(B.POLICIES)}")
@@ -102,8 +102,7 @@ class ExpertCache:
         opts.quiet = quiet
         handle = B.edgemoe_cache_p()
         B.check(B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle)))
-        self._handle: Optional[int] = handle.value
-        self._attached = False
+        self._handle = handle.value
 
     @property
     def handle(self) -> int:

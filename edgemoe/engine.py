@@ -342,9 +342,9 @@ class Engine:
                 raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
             self._n_past += n
             if out is not None:
-                for i in range(n):
-                    ptr = llama.llama_get_logits_ith(self._ctx, i)
-                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                # every token of the chunk is an output: its logits are rows 0..n-1, in order
+                ptr = llama.llama_get_logits(self._ctx)
+                out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab]."""

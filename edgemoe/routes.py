@@ -14,7 +14,7 @@ class RouteRecorder:
     """Pass to Engine(route_recorder=...); it hooks llama_context_params.cb_eval.
 
     Rows are recorded per graph evaluation in the order the layers run: one row per
-    (layer, token of the ubatch) with the k selected expert ids.
+    (layer, token) with the k selected expert ids; token indices count up per layer.
     """
 
     def __init__(self):
@@ -40,7 +40,7 @@ class RouteRecorder:
         B.edgemoe_route_recorder_clear(self.handle)
 
     def rows(self) -> np.ndarray:
-        """int32 array [n_rows, 2 + k]: layer, token index within that layer's ubatch, k ids."""
+        """int32 array [n_rows, 2 + k]: layer, the layer's running token index, k ids."""
         n, k = len(self), self.k
         if n == 0 or k == 0:
             return np.zeros((0, 2 + max(k, 0)), dtype=np.int32)

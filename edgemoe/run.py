@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from typing import Optional
 
 import click
 
 from edgemoe.budget import parse_budget
 from edgemoe.errors import EdgemoeError
+from edgemoe.files import discard, publish, temp_beside
 
 # What --stats prints, in this order; --stats-json writes every scalar of EngineStats.
 STATS_FIELDS = ("ttft_ms", "tpot_ms", "tokens_per_s", "hit_rate", "hits", "misses",
@@ -40,9 +40,8 @@ class _JsonOut:
         self.path = path
         if os.path.isdir(path):
             raise CliError(f"cannot write --stats-json {path}: is a directory")
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            fd, self._tmp = temp_beside(path)
         except OSError as e:
             raise CliError(f"cannot write --stats-json {path}: {e.strerror or e}") from None
         self._file = os.fdopen(fd, "w", encoding="utf-8")
@@ -53,19 +52,13 @@ class _JsonOut:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self._tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         self._tmp = None
 
     def discard(self) -> None:
         if self._tmp is not None:
             self._file.close()
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
+            discard(self._tmp)
             self._tmp = None
 
 

@@ -17,7 +17,6 @@ import math
 import os
 import pathlib
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple, Union
@@ -27,6 +26,8 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QType
 from gguf import Keys, MODEL_TENSOR, TENSOR_NAMES
+
+from edgemoe.files import discard, publish, temp_beside
 
 MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe")
 DENSE_ARCHS = ("qwen3", "llama")
@@ -320,12 +321,6 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: SynthConfig) -> None:
         w.add_custom_alignment(cfg.alignment)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_model(path: Union[str, os.PathLike], cfg: SynthConfig) -> SynthResult:
     """Writes the model described by `cfg` to `path` (atomically: temp file, then rename).
 
@@ -337,7 +332,7 @@ def write_model(path: Union[str, os.PathLike], cfg: SynthConfig) -> SynthResult:
     n_vocab = _n_vocab(fields)
     specs = list(_tensor_specs(cfg, n_vocab))
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, cfg.arch)
@@ -356,13 +351,9 @@ def write_model(path: Union[str, os.PathLike], cfg: SynthConfig) -> SynthResult:
         w.flush()
         os.fsync(w.fout[0].fileno())
         w.close()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
 
     expert = sum(s.nbytes for s in specs if s.name.endswith("_exps.weight"))

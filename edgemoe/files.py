@@ -1,0 +1,33 @@
+"""Output files that appear whole or not at all: written under a temporary name beside the
+target (same file system, so the final rename is atomic), then renamed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Tuple, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def temp_beside(path: PathLike) -> Tuple[int, str]:
+    """An open descriptor and the name of a new hidden temporary file next to `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    return tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+
+
+def publish(tmp: str, path: PathLike) -> None:
+    """Gives `tmp` the permissions of a normally created file (mkstemp makes 0600) and renames
+    it to `path`."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
+def discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
