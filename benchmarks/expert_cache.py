@@ -322,36 +322,38 @@ def main() -> int:
     compute_ms = float(np.mean([r["tpot_ms"] for r in warm_100])) if warm_100 else float("nan")
     n_slots_all = info.n_moe_layer * info.n_expert
     n_skip = args.n_prompt + args.n_warmup
+    bytes_per_ms = results["bandwidth_gbps"] * 1e6
+
+    def floors(pct, policy, **window):
+        slots = max(info.n_expert_used, int(n_slots_all * pct / 100))
+        sim = simulate(routes, slots, policy, prompt_tokens=args.n_prompt, **window)
+        io_ms = sim["misses"] / args.n_gen * per_expert / bytes_per_ms
+        return {**sim, "misses_per_token": sim["misses"] / args.n_gen, "io_ms": io_ms,
+                "floor_no_overlap_ms": compute_ms + io_ms, "floor_overlap_ms": max(compute_ms, io_ms)}
+
     sims = {}
     for pct in (10, 25, 50, 100):
-        slots = max(info.n_expert_used, int(n_slots_all * pct / 100))
         for policy in ("lru", "lfu", "default", "belady"):
-            sim = simulate(routes, slots, policy, prompt_tokens=args.n_prompt, count_from_token=n_skip)
-            io_ms = sim["misses"] / args.n_gen * per_expert / (results["bandwidth_gbps"] * 1e9) * 1e3
-            sims[f"{pct}%/{policy}"] = {**sim, "misses_per_token": sim["misses"] / args.n_gen, "io_ms": io_ms,
-                                        "floor_no_overlap_ms": compute_ms + io_ms,
-                                        "floor_overlap_ms": max(compute_ms, io_ms)}
-    # cold runs start empty: simulate them from their own first token too
+            sims[f"{pct}%/{policy}"] = floors(pct, policy, count_from_token=n_skip)
+    # a cold run times the first n_gen decode tokens, from an empty pool
     for pct in (10, 25, 50):
-        slots = max(info.n_expert_used, int(n_slots_all * pct / 100))
         for policy in ("default", "belady"):
-            # a cold run times the first n_gen decode tokens, from an empty pool
-            sim = simulate(routes, slots, policy, prompt_tokens=args.n_prompt, count_from_token=args.n_prompt,
-                           stop_token=args.n_prompt + args.n_gen)
-            io_ms = sim["misses"] / args.n_gen * per_expert / (results["bandwidth_gbps"] * 1e9) * 1e3
-            sims[f"cold {pct}%/{policy}"] = {**sim, "misses_per_token": sim["misses"] / args.n_gen, "io_ms": io_ms,
-                                             "floor_no_overlap_ms": compute_ms + io_ms,
-                                             "floor_overlap_ms": max(compute_ms, io_ms)}
+            sims[f"cold {pct}%/{policy}"] = floors(pct, policy, count_from_token=args.n_prompt,
+                                                   stop_token=args.n_prompt + args.n_gen)
     results["warm_compute_ms"] = compute_ms
     results["simulations"] = sims
     results["routing"] = routing_stats(routes, info.n_expert, args.n_prompt)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, args.out)
+    save(results, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
 
 
 def ab_full(args, base: dict, model: Path, results: dict) -> int:
@@ -370,10 +372,7 @@ def ab_full(args, base: dict, model: Path, results: dict) -> int:
     results["ab_full"] = {"pairs": pairs, "ratio_median": float(np.median(ratios)),
                           "ratio_mean": float(np.mean(ratios)), "ratio_sd": float(np.std(ratios, ddof=1))}
     print(json.dumps(results["ab_full"]), file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, args.out)
+    save(results, args.out)
     return 0
 
 
