@@ -74,6 +74,17 @@ class EngineStats:
         return d
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    desc: str      # llama_model_desc, e.g. "qwen3moe 30B.A3B Q8_0"
+    size: int      # bytes of all weights
+    n_params: int
+
+
+# KV cache types by name -> enum ggml_type
+_KV_TYPES = {"f32": 0, "f16": 1}
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -127,13 +138,15 @@ class Engine:
         route_recorder: a RouteRecorder to fill through the context's eval callback.
         verbose: let llama.cpp's log through to stderr.
         notice: called with one-line notices (default: printed to stderr).
+        kv_type: type of the KV cache, "f16" (llama.cpp's default) or "f32" (with flash
+            attention off: attention in f32 throughout, for comparing logits with a reference).
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
                  policy: str = "default", io: str = "direct", n_threads: Optional[int] = None,
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
-                 notice: Optional[Callable[[str], None]] = None):
+                 notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16"):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -148,6 +161,9 @@ class Engine:
 
         if n_ctx <= 0 or n_batch <= 0 or n_ubatch <= 0:
             raise InvalidArgumentError("n_ctx, n_batch and n_ubatch must be positive")
+        if kv_type not in _KV_TYPES:
+            raise InvalidArgumentError(f"unknown kv_type {kv_type!r}; expected one of {', '.join(_KV_TYPES)}")
+        self._kv_type = _KV_TYPES[kv_type]
         if policy not in POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if io not in IO_MODES:
@@ -214,6 +230,10 @@ class Engine:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
+        params.type_k = params.type_v = self._kv_type
+        if self._kv_type == _KV_TYPES["f32"]:
+            # the CPU flash-attention kernel rounds Q to f16, which an f32 cache is meant to avoid
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self._cache is not None:
             # experts stay on the host with a cache: copying the slot pool to a GPU for large
             # batches would cost more than it saves, and compute the MoE with other kernels
@@ -275,6 +295,15 @@ class Engine:
     def cache(self) -> Optional[ExpertCache]:
         """The expert cache, or None (cache off, or a dense model)."""
         return self._cache
+
+    def describe(self) -> ModelDescription:
+        """What llama-bench prints about the model: llama.cpp's description, bytes, parameters."""
+        self._live()
+        buf = ctypes.create_string_buffer(256)
+        llama.llama_model_desc(self._model, buf, len(buf))
+        return ModelDescription(desc=buf.value.decode("utf-8", "replace"),
+                                size=int(llama.llama_model_size(self._model)),
+                                n_params=int(llama.llama_model_n_params(self._model)))
 
     @property
     def n_past(self) -> int:
@@ -346,10 +375,18 @@ class Engine:
                 ptr = llama.llama_get_logits(self._ctx)
                 out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab]."""
+    def eval(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab].
+
+        With last_only, llama.cpp computes only the last token's logits (as a prompt prefill
+        does, without the output layer over every token) and the result is [1, n_vocab].
+        """
         self._live()
         tokens = [int(t) for t in tokens]
+        if last_only and tokens:
+            self._decode(tokens, all_logits=False)
+            ptr = llama.llama_get_logits_ith(self._ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(1, self.n_vocab)).copy()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         if tokens:
             self._decode(tokens, all_logits=True, out=out)

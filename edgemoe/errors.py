@@ -43,6 +43,14 @@ class OutOfMemoryError(EdgemoeError, MemoryError):
     pass
 
 
+class ConvertError(EdgemoeError):
+    """A conversion cannot be done: unsupported architecture, missing shard, bad router, ..."""
+
+
+class RouterFormatError(ConvertError):
+    """A router file or a model's `edgemoe.router.*` data does not follow docs/router-format.md."""
+
+
 class StateError(EdgemoeError):
     """A call that is not valid in the current state (e.g. after close())."""
 
