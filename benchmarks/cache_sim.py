@@ -15,14 +15,27 @@ import numpy as np
 
 def steps_of(routes: np.ndarray, prompt_tokens: int):
     """(token index of the ubatch's first token, layer, distinct experts in order of first use,
-    uses per expert, pairs) per layer per ubatch."""
+    uses per expert, pairs) per layer per ubatch.
+
+    A prompt evaluated for its last token's logits only computes that token's row in the last
+    layer (llama.cpp drops the other rows before that layer's FFN), so a layer may hold fewer
+    prompt rows than prompt_tokens: the rows after its prompt rows are the decode tokens'."""
     layers = sorted(set(int(x) for x in routes[:, 0]))
     by_layer = {il: routes[routes[:, 0] == il] for il in layers}
-    n_tokens = min(len(r) for r in by_layer.values())
+    n_tokens = max(len(r) for r in by_layer.values())
+    n_decode = n_tokens - prompt_tokens
+    n_prompt_rows = {il: len(r) - n_decode for il, r in by_layer.items()}
     spans = [(0, prompt_tokens)] + [(t, t + 1) for t in range(prompt_tokens, n_tokens)]
     for t0, t1 in spans:
         for il in layers:
-            ids = by_layer[il][t0:t1, 2:].ravel()
+            if t0 < prompt_tokens:
+                rows = by_layer[il][:n_prompt_rows[il]]
+            else:
+                i = n_prompt_rows[il] + t0 - prompt_tokens
+                rows = by_layer[il][i:i + 1]
+            ids = rows[:, 2:].ravel()
+            if ids.size == 0:
+                continue
             experts, first, uses = np.unique(ids, return_index=True, return_counts=True)
             order = np.argsort(first, kind="stable")
             yield t0, il, experts[order], uses[order], len(ids)

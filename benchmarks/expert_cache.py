@@ -4,14 +4,16 @@ Writes a synthetic qwen3moe model (16 layers x 64 experts, top-8, Q8_0, experts 
 bytes) unless --model is given, then runs, each configuration in its own process:
 
   warm   cache off and budgets 100/50/25 %, no memory limit, the model file in the page cache;
-  cold   budgets 10/25/50 % and stock at the same limits: a cgroup v1 memory limit of
+  cold   budgets 10/25/50 % and stock at the same limits: a cgroup memory limit of
          non-expert bytes + budget + 300 MiB, the model's pages dropped before each run, the
          disk read-ahead at 128 KiB (restored afterwards); with --also-default-readahead the
          cold pairs run again at the disk's own read-ahead, reported separately.
 
 For the floor it measures O_DIRECT bandwidth on the model's expert slices and replays the
 routes recorded in a cache-off run through simulations of LRU, LFU, the default policy and
-Belady at each budget. Needs root (cgroups, read-ahead, dropping pages).
+Belady at each budget. Needs root (cgroups, read-ahead, dropping pages). The cgroup, read-ahead,
+page-cache and floor code is shared with `edgemoe bench` and benchmarks/sweep.py
+(edgemoe.cgroup, edgemoe.bench.disk, benchmarks/floors.py).
 
     python benchmarks/expert_cache.py --out benchmarks/out/expert_cache.json
 """
@@ -21,14 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import mmap
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,146 +35,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_model import ensure_model  # noqa: E402
 from cache_sim import simulate  # noqa: E402
+from floors import direct_bandwidth, expert_slices, routing_stats  # noqa: E402
 
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+from edgemoe.bench.disk import drop_file_pages, read_ahead, warm_file  # noqa: E402
+from edgemoe.cgroup import MemoryCgroup, find_memory_controller  # noqa: E402
+
 OVERHEAD = 300 << 20
-
-
-# -- the model -------------------------------------------------------------------------
-
-def ensure_model(path: Path, router_skew: float) -> Path:
-    if path.exists():
-        return path
-    from edgemoe.synth import SynthConfig, write_model
-    from edgemoe._native import vocab_dir
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = SynthConfig(arch="qwen3moe", vocab=str(vocab_dir() / "ggml-vocab-gpt-2.gguf"), n_layer=16, n_embd=1024,
-                      n_ff=2048, n_ff_exp=1024, n_expert=64, n_expert_used=8, n_head=16, n_head_kv=4,
-                      expert_type="Q8_0", weight_type="Q8_0", embd_type="Q8_0", alignment=4096, seed=7,
-                      router_skew=router_skew, name="edgemoe-bench-qwen3moe")
-    print(f"writing {path} ...", file=sys.stderr, flush=True)
-    write_model(path, cfg)
-    return path
-
-
-# -- system knobs, each restored -------------------------------------------------------
-
-def block_device_of(path: Path) -> Path | None:
-    dev = os.stat(path).st_dev
-    sysfs = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-    if not sysfs.exists():
-        return None
-    real = sysfs.resolve()
-    # a partition's queue is its parent's
-    queue = real / "queue" if (real / "queue").exists() else real.parent / "queue"
-    return queue / "read_ahead_kb" if (queue / "read_ahead_kb").exists() else None
-
-
-@contextlib.contextmanager
-def read_ahead(path: Path, kb: int | None):
-    knob = block_device_of(path)
-    if kb is None or knob is None:
-        yield None
-        return
-    old = int(knob.read_text())
-    knob.write_text(str(kb))
-    try:
-        yield old
-    finally:
-        knob.write_text(str(old))
-
-
-def drop_file_pages(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def warm_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
 
 
 @contextlib.contextmanager
 def memory_cgroup(limit: int | None):
+    """A memory cgroup of `limit` bytes (v2 or v1, edgemoe.cgroup), removed afterwards."""
     if limit is None:
         yield None
         return
-    cg = CGROUP_V1 / f"edgemoe-bench-{os.getpid()}-{random.randrange(1 << 30)}"
-    cg.mkdir()
-    try:
-        (cg / "memory.limit_in_bytes").write_text(str(limit))
-        with contextlib.suppress(OSError):
-            (cg / "memory.swappiness").write_text("0")
+    controller, why = find_memory_controller()
+    if controller is None:
+        raise SystemExit(f"expert_cache.py: the cold runs need a cgroup memory controller: {why}")
+    with MemoryCgroup(controller, limit) as cg:
         yield cg
-    finally:
-        # move anything left back to the root, then remove
-        with contextlib.suppress(OSError):
-            for pid in (cg / "cgroup.procs").read_text().split():
-                (CGROUP_V1 / "cgroup.procs").write_text(pid)
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
-# -- O_DIRECT bandwidth ----------------------------------------------------------------
-
-def direct_bandwidth(path: Path, experts: list[list[tuple[int, int]]], total: int, threads: int = 4) -> float:
-    """GB/s of cold O_DIRECT reads of random whole experts (one pread per role slice), read the
-    way the cache reads them: `threads` threads, each with its own descriptor and aligned buffer."""
-    drop_file_pages(path)
-    rng = random.Random(1)
-    picks, n = [], 0
-    while n < total:
-        e = rng.choice(experts)
-        picks.append(e)
-        n += sum(size for _, size in e)
-    span_max = max(size for e in experts for _, size in e) + 2 * 4096
-
-    def worker(jobs):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, span_max)
-        done = 0
-        try:
-            for slices in jobs:
-                for off, size in slices:
-                    start = off - off % 4096
-                    span = ((off + size + 4095) // 4096) * 4096 - start
-                    done += os.preadv(fd, [memoryview(buf)[:span]], start)
-        finally:
-            os.close(fd)
-            buf.close()
-        return done
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        done = sum(pool.map(worker, [picks[i::threads] for i in range(threads)]))
-    return done / (time.perf_counter() - t0) / 1e9
-
-
-def expert_slices(path: Path) -> tuple[list[list[tuple[int, int]]], int]:
-    """Per (layer, expert): the (offset, bytes) of each role's slice; and bytes of one expert."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    experts: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    for t in r.tensors:
-        if t.name.endswith("_exps.weight"):
-            n_expert = int(t.shape[-1])
-            size = int(t.n_bytes) // n_expert
-            layer = t.name.split(".")[1]
-            for e in range(n_expert):
-                experts.setdefault((layer, e), []).append((int(t.data_offset) + e * size, size))
-    per_expert = sum(size for _, size in next(iter(experts.values())))
-    return list(experts.values()), per_expert
 
 
 # -- one configuration, in a child process ---------------------------------------------
@@ -220,10 +100,10 @@ def child(cfg: dict) -> dict:
     return out
 
 
-def run_child(cfg: dict, cgroup: Path | None) -> dict:
+def run_child(cfg: dict, cgroup: MemoryCgroup | None) -> dict:
     def enter():
         if cgroup is not None:
-            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            cgroup.add(os.getpid())
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
@@ -374,26 +254,6 @@ def ab_full(args, base: dict, model: Path, results: dict) -> int:
     print(json.dumps(results["ab_full"]), file=sys.stderr)
     save(results, args.out)
     return 0
-
-
-def routing_stats(routes: np.ndarray, n_expert: int, n_prompt: int) -> dict:
-    """Skew of the recorded routing: share of uses taken by the top quarter of experts per layer,
-    usage entropy (bits) and the expert overlap ratio between consecutive decode tokens."""
-    layers = np.unique(routes[:, 0])
-    top_quarter, entropy, eor = [], [], []
-    for il in layers:
-        r = routes[routes[:, 0] == il]
-        ids = r[:, 2:]
-        counts = np.bincount(ids.ravel(), minlength=n_expert).astype(float)
-        p = counts / counts.sum()
-        top_quarter.append(np.sort(p)[::-1][: n_expert // 4].sum())
-        nz = p[p > 0]
-        entropy.append(float(-(nz * np.log2(nz)).sum()))
-        dec = ids[n_prompt:]
-        k = ids.shape[1]
-        eor += [len(set(a) & set(b)) / k for a, b in zip(dec[:-1], dec[1:])]
-    return {"top_quarter_share": float(np.mean(top_quarter)), "entropy_bits": float(np.mean(entropy)),
-            "max_entropy_bits": float(np.log2(n_expert)), "eor": float(np.mean(eor)) if eor else None}
 
 
 if __name__ == "__main__":

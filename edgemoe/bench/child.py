@@ -1,0 +1,238 @@
+"""One benchmark configuration, in its own process: `python -m edgemoe.bench.child SPEC OUT`.
+
+SPEC is a JSON file (ChildSpec); OUT receives the JSON result, written whole or not at all,
+so a child the kernel kills for memory leaves no result and the parent reports OOM.
+Tokenization, sampling and route setting happen outside the timed calls, as in llama-bench.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from edgemoe.files import discard, publish, temp_beside
+
+META_SUFFIX = ".meta"  # beside OUT: the model's description, written as soon as it is loaded
+WARMUP_REP = -1  # the warm-up run's repetition index: its own tokens, routes and prompt
+
+
+@dataclass
+class ChildSpec:
+    model: str
+    n_threads: int
+    n_batch: int
+    n_ubatch: int
+    n_gpu_layers: int
+    expert_cache: Optional[str]
+    policy: Optional[str]
+    io: Optional[str]
+    tests: List[dict]                 # BenchTest fields: kind, n_prompt, n_gen
+    reps: List[int]                   # repetition indices to run
+    warmup: bool
+    seed: int = 1
+    prompts: List[str] = field(default_factory=list)
+    routes: Optional[str] = None      # trace.npz to replay (cache on only)
+    record_routes: bool = False       # return the routes every MoE layer took
+    jetson: bool = False
+    preload: bool = False             # load every expert that fits before the warm-up
+
+
+def _tokens_per_rep(tests: List[dict], prompt_lens: List[int], rep: int) -> List[int]:
+    """Tokens each test of one repetition evaluates (route replay positions follow them)."""
+    out = []
+    for t in tests:
+        if t["kind"] == "pp":
+            out.append(t["n_prompt"])
+        elif t["kind"] == "tg":
+            out.append(t["n_gen"])
+        else:
+            out.append(prompt_lens[(rep + 1) % len(prompt_lens)] + t["n_gen"])
+    return out
+
+
+class _Runner:
+    def __init__(self, spec: ChildSpec):
+        from edgemoe.engine import Engine
+        from edgemoe.routes import RouteRecorder
+        from edgemoe.telemetry import Telemetry
+
+        self.spec = spec
+        self.recorder = RouteRecorder() if spec.record_routes else None
+        n_gen = max((t["n_gen"] for t in spec.tests), default=0)
+        n_pp = max((t["n_prompt"] for t in spec.tests), default=0)
+        # a prompt has at most one token per byte, plus BOS
+        longest = max((len(p.encode("utf-8")) + 2 for p in spec.prompts), default=0)
+        n_ctx = max(n_pp, longest + n_gen, n_gen + 1) + 8
+        self.engine = Engine(spec.model, expert_cache=spec.expert_cache, policy=spec.policy or "default",
+                             io=spec.io or "direct", n_threads=spec.n_threads, n_ctx=n_ctx,
+                             n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=spec.n_gpu_layers,
+                             route_recorder=self.recorder)
+        self.telemetry = Telemetry(jetson=spec.jetson)
+        self.prompts = [self.engine.tokenize(p) for p in spec.prompts]
+        self.replay = None
+        if spec.routes and self.engine.cache is not None:
+            from edgemoe.bench.layout import expert_layout
+            from edgemoe.bench.replay import RouteReplay
+            from edgemoe.cache import inspect_model
+            from edgemoe.trace import load_trace
+
+            info = inspect_model(spec.model)
+            layout = expert_layout(spec.model)
+            self.replay = RouteReplay(load_trace(spec.routes), layout.moe_layers, info.n_expert,
+                                      info.n_expert_used)
+
+    def preload(self, timeout_s: float = 600.0) -> None:
+        """Loads every expert the pool can hold and waits for the reads: the cache's state
+        after stock llama.cpp's load, which maps (and reads) the whole file."""
+        from edgemoe.bench.layout import expert_layout
+        from edgemoe.errors import EdgemoeError
+
+        cache = self.engine.cache
+        if cache is None:
+            return
+        layout = expert_layout(self.spec.model)
+        for il in layout.moe_layers:
+            cache.prefetch(il, list(range(layout.n_expert)))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = {il: cache.stats(il) for il in layout.moe_layers}
+            if all(s.bytes_read >= s.prefetch_issued * layout.expert_bytes(il) for il, s in stats.items()):
+                return
+            if time.monotonic() > deadline:
+                raise EdgemoeError(f"--preload: the expert reads did not finish within {timeout_s:.0f} s")
+            time.sleep(0.01)
+
+    def meta(self) -> dict:
+        """What the rows say about the model and the cache, known once the model is loaded."""
+        d = self.engine.describe()
+        out = dict(model_type=d.desc, model_size=d.size, model_n_params=d.n_params)
+        if self.engine.cache is not None:
+            info = self.engine.cache.info()
+            out.update(expert_cache_bytes=info.budget_bytes, expert_cache_slots=info.n_slots)
+        return out
+
+    def close(self) -> None:
+        self.telemetry.close()
+        self.engine.close()
+        if self.recorder is not None:
+            self.recorder.close()
+
+    # -- one call, timed -------------------------------------------------------------
+
+    def _eval(self, tokens: List[int], pos: int) -> tuple:
+        """Sets the replayed routes of these tokens (untimed), then times the decode; only the
+        last token's logits are computed, as in a prefill or a decode step."""
+        if self.replay is not None:
+            for layer, ids in self.replay.routes(pos, len(tokens)).items():
+                self.engine.cache.set_routes(layer, ids)
+        t = time.perf_counter_ns()
+        logits = self.engine.eval(tokens, last_only=True)
+        return time.perf_counter_ns() - t, logits
+
+    def _random_tokens(self, test_index: int, rep: int, n: int) -> List[int]:
+        # the same tokens in every configuration and every process: seeded by (seed, test, rep)
+        rng = np.random.default_rng([self.spec.seed, test_index, rep - WARMUP_REP])
+        return rng.integers(0, self.engine.n_vocab, size=n).tolist()
+
+    def run_test(self, index: int, test: dict, rep: int, pos: int) -> dict:
+        """One repetition of one test from an empty context; returns its measurements."""
+        e = self.engine
+        e.reset()
+        e.reset_stats()
+        kind, n_gen = test["kind"], test["n_gen"]
+        ttft_ns, tpot_ns = None, []
+        window = self.telemetry.start()
+        if kind == "pp":
+            tokens = self._random_tokens(index, rep, test["n_prompt"])
+            ttft_ns, _ = self._eval(tokens, pos)
+            n_tokens = len(tokens)
+        elif kind == "tg":
+            tokens = self._random_tokens(index, rep, n_gen)
+            for i, tok in enumerate(tokens):
+                ns, _ = self._eval([tok], pos + i)
+                tpot_ns.append(ns)
+            n_tokens = n_gen
+        else:
+            prompt = self.prompts[(rep + 1) % len(self.prompts)]
+            ttft_ns, logits = self._eval(prompt, pos)
+            for i in range(n_gen):
+                tok = int(np.argmax(logits[-1]))  # greedy: real text from a trained model
+                ns, logits = self._eval([tok], pos + len(prompt) + i)
+                tpot_ns.append(ns)
+            n_tokens = len(prompt) + n_gen
+        total_ns = (ttft_ns or 0) + sum(tpot_ns)
+        tel = self.telemetry.stop(window)
+        s = e.stats()
+        return dict(rep=rep, ns=total_ns, n_tokens=n_tokens, n_prompt_tokens=n_tokens - len(tpot_ns),
+                    ttft_ms=ttft_ns / 1e6 if ttft_ns is not None else None,
+                    tpot_ms=[x / 1e6 for x in tpot_ns], hits=s.hits, misses=s.misses,
+                    prefetch_hits=s.prefetch_hits, bytes_read=s.bytes_read, read_ms=s.read_ms,
+                    stall_ms=s.stall_ms, peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
+
+    def run(self) -> dict:
+        spec = self.spec
+        lens = [len(p) for p in self.prompts] or [0]
+        results: Dict[int, List[dict]] = {i: [] for i in range(len(spec.tests))}
+        if spec.preload:
+            self.preload()
+        reps = ([WARMUP_REP] if spec.warmup else []) + list(spec.reps)
+        for rep in reps:
+            # replay positions: the warm-up takes the trace's first stretch, repetition r the (r+2)-th
+            per_test = _tokens_per_rep(spec.tests, lens, rep)
+            pos = (rep - WARMUP_REP) * sum(per_test)
+            for i, test in enumerate(spec.tests):
+                measured = self.run_test(i, test, rep, pos)
+                pos += per_test[i]
+                if rep != WARMUP_REP:
+                    results[i].append(measured)
+        out = dict(status="ok", **self.meta(),
+                   tests=[dict(test, reps=results[i]) for i, test in enumerate(spec.tests)],
+                   replayed=self.replay is not None)
+        if self.recorder is not None:
+            out["routes"] = self.recorder.rows().tolist()
+        return out
+
+
+def _write(path: str, obj: dict) -> None:
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+        publish(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def main(argv: List[str]) -> int:
+    spec_path, out_path = argv
+    with open(spec_path, encoding="utf-8") as f:
+        spec = ChildSpec(**json.load(f))
+    from edgemoe.errors import EdgemoeError
+
+    runner = None
+    try:
+        runner = _Runner(spec)
+        # for the parent's rows should the kernel kill us for memory from here on
+        _write(out_path + META_SUFFIX, runner.meta())
+        result = runner.run()
+    except EdgemoeError as e:
+        _write(out_path, dict(status="error", error=" ".join(str(e).split())))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if runner is not None:
+            runner.close()
+    _write(out_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,244 @@
+"""`edgemoe bench`: TTFT/TPOT of every combination of the given settings, side by side with
+stock llama.cpp (the cache off) under the same memory limit, in llama-bench's formats."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import List, Sequence
+
+import click
+
+from edgemoe.bench.output import FORMATS
+from edgemoe.bench.params import AUTO, AUTO_OVERHEAD
+from edgemoe.errors import EdgemoeError
+from edgemoe.run import CliError
+
+POLICY_CHOICES = ("default", "lru", "lfu", "belady")
+IO_CHOICES = ("direct", "buffered", "mmap")
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class _Notices:
+    """One-line notices on stderr, each text once per run."""
+
+    def __init__(self, progress_line):
+        self._seen = set()
+        self._progress = progress_line
+
+    def __call__(self, msg: str) -> None:
+        msg = " ".join(msg.split())
+        if msg.startswith("notice: "):
+            msg = msg[len("notice: "):]
+        if msg in self._seen:
+            return
+        self._seen.add(msg)
+        self._progress.clear()
+        click.echo(f"edgemoe: notice: {msg}", err=True)
+
+
+class _ProgressLine:
+    """`[3/8] model 25% ...` on stderr, overwritten in place; only when both streams are a
+    terminal (rows go to stdout, and a redirected run wants no carriage returns)."""
+
+    def __init__(self):
+        self.on = sys.stdout.isatty() and sys.stderr.isatty()
+        self._shown = False
+
+    def show(self, i: int, n: int, cfg) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\x1b[K[{i + 1}/{n}] {cfg.label}")
+            sys.stderr.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
+def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[str]:
+    from edgemoe.bench.params import split_list, unique
+
+    out = unique(split_list(values))
+    for v in out:
+        if v not in allowed:
+            raise CliError(f"{flag}: unknown value {v!r}; expected one of {', '.join(allowed)}")
+    return out
+
+
+@click.command("bench")
+@click.option("-m", "--model", "models", multiple=True, required=True, metavar="FILE",
+              help="GGUF model; repeat or comma-list for several.")
+@click.option("-p", "--n-prompt", multiple=True, default=("512",), show_default=True, metavar="N[,N]",
+              help="Prompt-processing tests: N random tokens in one call (0: none).")
+@click.option("-n", "--n-gen", multiple=True, default=("128",), show_default=True, metavar="N[,N]",
+              help="Generation tests: N single-token decodes (0: none).")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-t", "--threads", multiple=True, metavar="N[,N]", help="Compute threads (default: all CPUs).")
+@click.option("-b", "--batch-size", multiple=True, default=("512",), show_default=True, metavar="N[,N]")
+@click.option("-ub", "--ubatch-size", multiple=True, default=("512",), show_default=True, metavar="N[,N]")
+@click.option("-ngl", "--n-gpu-layers", multiple=True, default=("0",), show_default=True, metavar="N[,N]")
+@click.option("--expert-cache", "caches", multiple=True, default=("25%",), show_default=True,
+              metavar="SIZE|off[,...]", help="Budgets: bytes (800MiB), a share of expert bytes (25%), or off.")
+@click.option("--policy", "policies", multiple=True, default=("default",), show_default=True,
+              metavar="P[,P]", help=f"Cache policies: {', '.join(POLICY_CHOICES)}.")
+@click.option("--io", "ios", multiple=True, default=("direct",), show_default=True, metavar="IO[,IO]",
+              help=f"How the cache reads experts: {', '.join(IO_CHOICES)}.")
+@click.option("--baseline", is_flag=True,
+              help="Add stock llama.cpp (cache off: mmap and the page cache) under the same limits.")
+@click.option("--mem-limit", metavar="SIZE|auto", default=None,
+              help=f"Run each configuration in a memory cgroup of this size; auto = non-expert bytes + "
+                   f"budget + {AUTO_OVERHEAD >> 20} MiB (cache off: every expert).")
+@click.option("--cold", is_flag=True,
+              help="Drop the model's pages from the page cache before every repetition; each repetition "
+                   "runs in a fresh process, without a warm-up.")
+@click.option("--no-warmup", is_flag=True, help="Skip the untimed warm-up run of each test.")
+@click.option("--preload", is_flag=True,
+              help="Load every expert the cache can hold before the warm-up, as stock llama.cpp's load reads "
+                   "the whole file (a warm 100 %% cache).")
+@click.option("--read-ahead", "read_ahead", type=click.IntRange(min=0), default=None, metavar="KB",
+              help="Set the model disk's read-ahead for the run (restored after; needs root). "
+                   "Linux's default is 128.")
+@click.option("--prompts", "prompts_file", metavar="FILE.jsonl", default=None,
+              help='Real prompts ({"prompt": "..."} per line): each repetition prefills the next one and '
+                   "generates -n tokens greedily, instead of the pp/tg tests on random tokens.")
+@click.option("--routes", "routes_file", metavar="TRACE.npz", default=None,
+              help="Replay expert routes recorded by `edgemoe trace` (cache-on configurations).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random tokens.")
+@click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
+def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size, n_gpu_layers, caches,
+          policies, ios, baseline, mem_limit, cold, no_warmup, preload, read_ahead, prompts_file, routes_file,
+          seed, fmt) -> None:
+    """Benchmark MODEL like llama-bench: every combination of the list-valued settings, each in
+    its own process, with expert-cache columns and stock llama.cpp beside it."""
+    from edgemoe.bench import params as P
+    from edgemoe.bench.inputs import check_model_path, parse_mem_limit, read_prompts
+
+    progress = _ProgressLine()
+    notice = _Notices(progress)
+    try:
+        model_paths = [check_model_path(m) for m in P.unique(P.split_list(models))]
+        tests = _tests(P.int_list(n_prompt, "-p"), P.int_list(n_gen, "-n"), prompts_file is not None)
+        thread_list = P.int_list(threads, "-t", 1) if threads else [_default_threads()]
+        batches = P.int_list(batch_size, "-b", 1)
+        ubatches = P.int_list(ubatch_size, "-ub", 1)
+        ngls = P.int_list(n_gpu_layers, "-ngl", 0)
+        cache_list = P.unique(P.split_list(caches))
+        if not cache_list:
+            raise CliError("--expert-cache needs at least one value")
+        policy_list = _choices(policies, POLICY_CHOICES, "--policy")
+        io_list = _choices(ios, IO_CHOICES, "--io")
+        prompts = read_prompts(prompts_file) if prompts_file else []
+        if prompts and click.get_current_context().get_parameter_source("n_prompt").name == "COMMANDLINE":
+            notice("-p is ignored with --prompts: the prompts are the prefill")
+        limit_arg = None
+        if mem_limit is not None:
+            limit_arg = AUTO if mem_limit.strip().lower() == AUTO else str(parse_mem_limit(mem_limit))
+
+        from edgemoe.bench.disk import read_ahead as read_ahead_ctx
+        from edgemoe.bench.disk import read_ahead_kb, read_ahead_knob
+        from edgemoe.bench.output import Printer
+        from edgemoe.bench.runner import Options, run_all
+        from edgemoe.cache import inspect_model
+        from edgemoe.cgroup import find_memory_controller
+        from edgemoe.telemetry import jetson_status
+
+        facts = []
+        for path in model_paths:
+            info = inspect_model(path)
+            facts.append(P.ModelFacts(path, info.expert_bytes, info.non_expert_bytes, info.min_budget_bytes,
+                                      info.n_moe_layer))
+            for cache in cache_list:
+                P.check_budget(cache, facts[-1])
+            if limit_arg not in (None, AUTO):
+                P.check_limit(int(limit_arg), facts[-1])
+        if routes_file:
+            from edgemoe.trace import load_trace
+
+            load_trace(routes_file)
+            for f in facts:
+                if f.n_moe_layer == 0:
+                    raise CliError(f"--routes needs a model with routed experts; {f.path} is dense")
+        configs = P.expand(facts, thread_list, batches, ubatches, ngls, cache_list, policy_list, io_list,
+                           baseline, limit_arg, tests)
+
+        controller = None
+        if limit_arg is not None:
+            controller, why = find_memory_controller()
+            if controller is None:
+                notice(f"no usable cgroup memory controller ({why}); running without a memory limit, "
+                       f"rows flagged mem_limit_cgroup=none")
+        jetson, why = jetson_status()
+        if not jetson:
+            notice(f"telemetry from psutil only: no power, energy or temperatures ({why})")
+        if routes_file and any(c.expert_cache is None for c in configs):
+            notice("cache-off runs route with the model's own router: stock llama.cpp cannot take "
+                   "external routes")
+
+        with contextlib.ExitStack() as stack:
+            if read_ahead is not None:
+                knobs = set()
+                for path in model_paths:  # once per disk, however many models it holds
+                    knob = read_ahead_knob(path)
+                    if knob is None or knob not in knobs:
+                        knobs.add(knob)
+                        stack.enter_context(read_ahead_ctx(path, read_ahead))
+            opts = Options(repetitions=repetitions, warmup=not no_warmup, preload=preload, cold=cold, seed=seed,
+                           prompts=prompts,
+                           prompts_name=os.path.basename(prompts_file) if prompts_file else None,
+                           routes=os.path.abspath(routes_file) if routes_file else None, jetson=jetson,
+                           controller=controller, read_ahead_kb={p: read_ahead_kb(p) for p in model_paths})
+            printer = Printer(fmt, sys.stdout, _prototype_rows(configs, opts))
+            printer.begin()
+
+            def on_result(cfg, result) -> None:
+                progress.clear()
+                for row in result.rows:
+                    printer.row(row)
+
+            if threading.current_thread() is threading.main_thread():
+                # a kill (SIGTERM) cleans up as Ctrl-C does: cgroups removed, read-ahead restored
+                stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
+            run_all(configs, opts, on_result, notice, progress.show)
+            progress.clear()
+            printer.end()
+    except EdgemoeError as e:
+        progress.clear()
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        progress.clear()
+        raise click.exceptions.Abort() from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _tests(pp: List[int], tg: List[int], with_prompts: bool):
+    from edgemoe.bench.params import BenchTest
+
+    if with_prompts:
+        return [BenchTest("prompt", 0, n) for n in tg] or [BenchTest("prompt", 0, 0)]
+    tests = [BenchTest("pp", p, 0) for p in pp if p > 0] + [BenchTest("tg", 0, n) for n in tg if n > 0]
+    if not tests:
+        raise CliError("nothing to run: -p and -n are both 0")
+    return tests
+
+
+def _prototype_rows(configs, opts):
+    """Rows carrying only what decides the markdown columns."""
+    from edgemoe.bench.results import Row
+
+    return [Row(n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_gpu_layers=c.n_gpu_layers, mem_limit=c.mem_limit,
+                routes="x" if opts.routes and c.expert_cache else None) for c in configs]

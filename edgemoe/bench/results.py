@@ -1,0 +1,152 @@
+"""One result row per (configuration, test), with llama-bench's fields first, then ours.
+
+A row's figures are over its repetitions: `avg_*`/`*_ms` the mean, `stddev_*`/`*_stddev` the
+sample standard deviation (0 for one repetition); cache counters and telemetry are means per
+repetition; `tpot_p50_ms`/`tpot_p90_ms` pool the tokens of every repetition; the `samples_*`
+arrays keep each repetition (`samples_tpot_ms`: every token of each repetition).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional
+
+import numpy as np
+
+STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
+
+
+@dataclass
+class Row:
+    # -- llama-bench's fields ------------------------------------------------------------
+    edgemoe_version: str = ""
+    build_commit: str = ""          # llama-cpp-python release whose llama.cpp edgemoe patches
+    cpu_info: str = ""
+    gpu_info: str = ""
+    backends: str = "CPU"
+    model_filename: str = ""
+    model_type: str = ""
+    model_size: Optional[int] = None
+    model_n_params: Optional[int] = None
+    n_batch: int = 0
+    n_ubatch: int = 0
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    n_prompt: int = 0
+    n_gen: int = 0
+    test: str = ""
+    test_time: str = ""
+    repetitions: int = 0
+    avg_ns: Optional[int] = None
+    stddev_ns: Optional[int] = None
+    avg_ts: Optional[float] = None
+    stddev_ts: Optional[float] = None
+    # -- the configuration -----------------------------------------------------------------
+    expert_cache: str = "off"
+    expert_cache_bytes: Optional[int] = None
+    expert_cache_slots: Optional[int] = None
+    policy: Optional[str] = None
+    io: Optional[str] = None
+    mem_limit: Optional[int] = None
+    mem_limit_cgroup: Optional[str] = None   # "v2", "v1", or "none": asked for but not enforced
+    cold: bool = False
+    read_ahead_kb: Optional[int] = None
+    routes: Optional[str] = None             # the replayed trace's file name
+    prompts: Optional[str] = None            # the --prompts file's name
+    status: str = STATUS_OK
+    error: Optional[str] = None
+    # -- timings ---------------------------------------------------------------------------
+    ttft_ms: Optional[float] = None
+    ttft_ms_stddev: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    tpot_ms_stddev: Optional[float] = None
+    tpot_p50_ms: Optional[float] = None
+    tpot_p90_ms: Optional[float] = None
+    # -- the cache -------------------------------------------------------------------------
+    hit_rate: Optional[float] = None
+    hits: Optional[float] = None
+    misses: Optional[float] = None
+    prefetch_hits: Optional[float] = None
+    bytes_read: Optional[float] = None
+    read_ms: Optional[float] = None
+    stall_ms: Optional[float] = None
+    # -- telemetry -------------------------------------------------------------------------
+    peak_rss_bytes: Optional[int] = None
+    cgroup_peak_bytes: Optional[int] = None  # page cache included
+    disk_read_bytes: Optional[float] = None
+    cpu_user_s: Optional[float] = None
+    cpu_system_s: Optional[float] = None
+    power_w: Optional[float] = None
+    energy_per_token_j: Optional[float] = None
+    temp_max_c: Optional[float] = None
+    nvpmodel: Optional[str] = None
+    # -- per repetition --------------------------------------------------------------------
+    samples_ns: List[int] = field(default_factory=list)
+    samples_ts: List[float] = field(default_factory=list)
+    samples_ttft_ms: List[float] = field(default_factory=list)
+    samples_tpot_ms: List[List[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = [f.name for f in fields(Row)]
+SAMPLE_FIELDS = [name for name in FIELDS if name.startswith("samples_")]
+SCALAR_FIELDS = [name for name in FIELDS if name not in SAMPLE_FIELDS]
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(statistics.fmean(values)) if values else None
+
+
+def _sd(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return float(statistics.stdev(values)) if len(values) > 1 else 0.0
+
+
+def fill_measurements(row: Row, reps: List[dict]) -> None:
+    """Sets a row's figures from its repetitions (the child's per-repetition dicts)."""
+    row.repetitions = len(reps)
+    if not reps:
+        return
+    ns = [int(r["ns"]) for r in reps]
+    ts = [r["n_tokens"] / (n / 1e9) if n > 0 else None for r, n in zip(reps, ns)]
+    row.samples_ns, row.samples_ts = ns, [t for t in ts if t is not None]
+    row.avg_ns, row.stddev_ns = int(round(statistics.fmean(ns))), int(round(_sd(ns)))
+    row.avg_ts, row.stddev_ts = _mean(ts), _sd(ts)
+
+    ttft = [r["ttft_ms"] for r in reps if r["ttft_ms"] is not None]
+    if ttft:
+        row.samples_ttft_ms = ttft
+        row.ttft_ms, row.ttft_ms_stddev = _mean(ttft), _sd(ttft)
+    tpot = [r["tpot_ms"] for r in reps if r["tpot_ms"]]
+    if tpot:
+        row.samples_tpot_ms = tpot
+        per_rep = [statistics.fmean(t) for t in tpot]
+        row.tpot_ms, row.tpot_ms_stddev = _mean(per_rep), _sd(per_rep)
+        pooled = np.concatenate([np.asarray(t, dtype=np.float64) for t in tpot])
+        row.tpot_p50_ms = float(np.percentile(pooled, 50))
+        row.tpot_p90_ms = float(np.percentile(pooled, 90))
+
+    if row.expert_cache != "off":
+        hits, misses = sum(r["hits"] for r in reps), sum(r["misses"] for r in reps)
+        row.hit_rate = hits / (hits + misses) if hits + misses else None
+        for name in ("hits", "misses", "prefetch_hits", "bytes_read", "read_ms", "stall_ms"):
+            setattr(row, name, _mean([r[name] for r in reps]))
+    row.peak_rss_bytes = max(r["peak_rss_bytes"] for r in reps)
+
+    tel = [r["telemetry"] for r in reps]
+    row.disk_read_bytes = _mean([t["disk_read_bytes"] for t in tel])
+    row.cpu_user_s = _mean([t["cpu_user_s"] for t in tel])
+    row.cpu_system_s = _mean([t["cpu_system_s"] for t in tel])
+    if any(t.get("power_w") is not None for t in tel):
+        row.power_w = _mean([t["power_w"] for t in tel])
+        row.energy_per_token_j = _mean([t["energy_j"] / r["n_tokens"] for t, r in zip(tel, reps)
+                                        if t.get("energy_j") is not None and r["n_tokens"]])
+        row.temp_max_c = max((t["temp_max_c"] for t in tel if t.get("temp_max_c") is not None), default=None)
+        row.nvpmodel = next((t["nvpmodel"] for t in tel if t.get("nvpmodel")), None)
