@@ -29,7 +29,10 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH_DIR = ROOT / "native" / "patches" / "llama.cpp"
-VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-qwen2.gguf")
+VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-deepseek-llm.gguf",
+          "ggml-vocab-gpt-neox.gguf", "ggml-vocab-llama-spm.gguf")
+# the trained default model (models/README.md), shipped inside the package
+DEFAULT_MODEL = ROOT / "models" / "edgemoe-tiny-q8_0.gguf"
 
 
 def log(msg):
@@ -169,6 +172,9 @@ def install_libs(lib_dir, tree, pkg_dir):
     vocab_out.mkdir(parents=True, exist_ok=True)
     for name in VOCABS:
         shutil.copyfile(tree / "models" / name, vocab_out / name)
+    models_out = pkg_dir / "data" / "models"
+    models_out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DEFAULT_MODEL, models_out / DEFAULT_MODEL.name)
 
 
 class BuildWithNative(build_py):
@@ -201,9 +207,15 @@ setup(
         "click>=8.1",
         "gguf>=0.17.1",
         "psutil>=5.9",
+        # edgemoe convert: checkpoints whose tokenizer is a SentencePiece model
+        "sentencepiece>=0.2",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        # torch/transformers build reference models for the converter and training tests;
+        # torch pinned to the CPU wheel (an open range pulls a CUDA build of several GB),
+        # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
+        "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
+                 "safetensors>=0.4"],
         "jetson": ["jetson-stats>=4.2"],
         "plot": ["matplotlib>=3.7"],
     },

@@ -7,7 +7,12 @@ import sys
 import click
 
 from edgemoe import __version__
+from edgemoe.bench.cli import bench
+from edgemoe.convert.command import convert_command
 from edgemoe.run import CliError, run
+from edgemoe.info import info_command
+from edgemoe.synth_cli import synth_command
+from edgemoe.trace import trace, trace_stats
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +22,12 @@ def cli() -> None:
 
 
 cli.add_command(run)
+cli.add_command(synth_command)
+cli.add_command(info_command)
+cli.add_command(bench)
+cli.add_command(convert_command)
+cli.add_command(trace)
+cli.add_command(trace_stats)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
-"""The model `edgemoe run` uses without -m.
+"""The model `edgemoe run` uses without -m: the tiny qwen3moe trained on public-domain English
+(models/README.md), shipped with the package as `edgemoe/data/models/edgemoe-tiny-q8_0.gguf`.
 
-Until a trained default model exists, this is a small synthetic qwen3moe (8 layers, 32
-experts, top-4, the qwen2 vocab, about 27 MB), written deterministically on first use to
-`$EDGEMOE_CACHE_DIR` or `~/.cache/edgemoe/`.
+setup.py copies it there from `models/` at install time (also for editable installs), so a
+source checkout that was never installed finds it in `models/` instead.
 """
 
 from __future__ import annotations
@@ -10,39 +10,23 @@ from __future__ import annotations
 import os
 import pathlib
 
-from edgemoe._native import vocab_dir
 from edgemoe.errors import EdgemoeIOError
-from edgemoe.synth import SynthConfig, write_model
 
-VOCAB_FILE = "ggml-vocab-qwen2.gguf"
-# Bump the file name when the config changes, so an old file is never reused.
-FILE_NAME = "synthetic-qwen3moe-8x32-v2.gguf"
+FILE_NAME = "edgemoe-tiny-q8_0.gguf"
+_PACKAGE = pathlib.Path(__file__).resolve().parent
 
 
-def config(vocab: pathlib.Path) -> SynthConfig:
-    return SynthConfig(arch="qwen3moe", vocab=str(vocab), n_layer=8, n_embd=64, n_ff=128,
-                       n_ff_exp=64, n_expert=32, n_expert_used=4, n_head=4, n_head_kv=2,
-                       # untied output: tied random embeddings make every token predict itself
-                       expert_type="F16", weight_type="F16", embd_type="Q8_0", tie_output=False,
-                       seed=20261124, name="edgemoe-default-synthetic")
-
-
-def cache_dir() -> pathlib.Path:
-    override = os.environ.get("EDGEMOE_CACHE_DIR")
-    return pathlib.Path(override) if override else pathlib.Path.home() / ".cache" / "edgemoe"
+def candidates() -> list:
+    override = os.environ.get("EDGEMOE_DEFAULT_MODEL")
+    if override:
+        return [pathlib.Path(override)]
+    return [_PACKAGE / "data" / "models" / FILE_NAME, _PACKAGE.parent / "models" / FILE_NAME]
 
 
 def default_model_path() -> pathlib.Path:
-    """The default model's path, writing it first if absent."""
-    path = cache_dir() / FILE_NAME
-    if path.exists():
-        return path
-    vocab = vocab_dir() / VOCAB_FILE
-    if not vocab.exists():
-        raise EdgemoeIOError(f"vocab file not found: {vocab} (set EDGEMOE_VOCAB_DIR or reinstall edgemoe)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_model(path, config(vocab))
-    except OSError as e:
-        raise EdgemoeIOError(f"cannot write the default model to {path}: {e.strerror or e}") from None
-    return path
+    """The default model's path; a one-line error when the install lacks it."""
+    for path in candidates():
+        if path.is_file():
+            return path
+    raise EdgemoeIOError(f"the default model {FILE_NAME} is not installed (looked in "
+                         f"{', '.join(str(p.parent) for p in candidates())}); pass -m MODEL or reinstall edgemoe")

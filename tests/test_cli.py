@@ -148,19 +148,25 @@ def test_cli_runner_in_process(tiny_models):
     assert bad.exit_code == 1 and bad.stderr.startswith("edgemoe: error: ")
 
 
-def test_default_model_written_once_and_deterministic(qwen2_vocab, edgemoe_env, tmp_path):
-    env = dict(edgemoe_env, EDGEMOE_CACHE_DIR=str(tmp_path / "cache"), EDGEMOE_VOCAB_DIR=str(qwen2_vocab.parent))
-    first = _run(["-n", "6", "--temp", "0"], env)
+def test_default_model_writes_english(edgemoe_env):
+    """Without -m: the shipped trained model, greedy, words of its corpus, deterministic."""
+    import re
+
+    from conftest import REPO
+
+    args = ["-p", "Once upon a time", "-n", "48", "--temp", "0", "--expert-cache", "25%"]
+    first = _run(args, edgemoe_env)
     assert first.returncode == 0, first.stderr
-    [model] = list((tmp_path / "cache").iterdir())
-    digest = model.read_bytes()
-    second = _run(["-n", "6", "--temp", "0"], env)
-    assert second.stdout == first.stdout and first.stdout.strip()
-    assert model.read_bytes() == digest
-    # written again from scratch, the same bytes
-    model.unlink()
-    assert _run(["-n", "1"], env).returncode == 0
-    assert model.read_bytes() == digest
+    words = re.findall(r"[A-Za-z]+", first.stdout)
+    assert len(words) >= 20, first.stdout
+    known = set(re.findall(r"[a-z]+", (REPO / "models" / "corpus" / "heldout.txt").read_text().lower()))
+    assert sum(w.lower() in known for w in words) / len(words) > 0.9, first.stdout
+    assert _run(args, edgemoe_env).stdout == first.stdout
+
+
+def test_missing_default_model_is_one_line(edgemoe_env, tmp_path):
+    env = dict(edgemoe_env, EDGEMOE_DEFAULT_MODEL=str(tmp_path / "absent.gguf"))
+    _assert_one_line_error(_run(["-n", "2"], env), "default model")
 
 
 def test_help_and_version(edgemoe_env):
