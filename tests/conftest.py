@@ -35,6 +35,17 @@ needs_cache = pytest.mark.skipif(
     reason="libedgemoe.so not found in " + (str(_native.lib_dir()) if HAS_LLAMA else "EDGEMOE_LIB_DIR"),
 )
 
+def on_tmpfs(path) -> bool:
+    """Whether `path` lies on a RAM file system (no page cache to measure, no O_DIRECT)."""
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mnt, typ, *_ = line.split()
+            if str(path).startswith(mnt) and len(mnt) > len(best):
+                best, fstype = mnt, typ
+    return fstype in ("tmpfs", "ramfs")
+
+
 REQUIRE_NATIVE = os.environ.get("EDGEMOE_REQUIRE_NATIVE", "") not in ("", "0")
 
 

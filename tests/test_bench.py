@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import needs_cache
+from conftest import needs_cache, on_tmpfs
 from edgemoe.bench.results import FIELDS, SCALAR_FIELDS
 from edgemoe.cgroup import find_memory_controller, leftover_groups
 
@@ -405,18 +405,10 @@ def test_telemetry_counts_storage_reads(tmp_path):
     w = tel.stop(started)
     tel.close()
     assert w.seconds > 0 and w.rss_bytes > 0 and w.cpu_user_s + w.cpu_system_s >= 0
-    if os.path.exists(f"/proc/{os.getpid()}/io") and not _on_tmpfs(path):
+    if os.path.exists(f"/proc/{os.getpid()}/io") and not on_tmpfs(path):
         assert w.disk_read_bytes >= 4 << 20
     assert w.power_w is None and w.energy_j is None
     ok, why = jetson_status()
     assert ok or (why and "\n" not in why)
 
 
-def _on_tmpfs(path) -> bool:
-    best, fstype = "", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, typ, *_ = line.split()
-            if str(path).startswith(mnt) and len(mnt) > len(best):
-                best, fstype = mnt, typ
-    return fstype in ("tmpfs", "ramfs")

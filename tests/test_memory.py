@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, needs_cache
+from conftest import N_THREADS, needs_cache, on_tmpfs
 
 OVERHEAD = 150 << 20
 
@@ -40,14 +40,6 @@ print(json.dumps(dict(peak_rss=s.peak_rss_bytes,
 """
 
 
-def _on_tmpfs(path) -> bool:
-    best, fstype = "", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, typ, *_ = line.split()
-            if str(path).startswith(mnt) and len(mnt) > len(best):
-                best, fstype = mnt, typ
-    return fstype in ("tmpfs", "ramfs")
 
 
 def _drop_page_cache(path) -> None:
@@ -90,7 +82,7 @@ def big_model(tmp_path_factory, gpt2_vocab):
     from edgemoe.synth import SynthConfig, write_model
 
     directory = tmp_path_factory.mktemp("big")
-    if _on_tmpfs(directory):
+    if on_tmpfs(directory):
         pytest.skip(f"{directory} is on tmpfs: page-cache residency cannot be dropped there")
     cfg = SynthConfig(arch="qwen3moe", vocab=str(gpt2_vocab), n_layer=3, n_embd=512, n_ff=1024,
                       n_ff_exp=1024, n_expert=64, n_expert_used=4, n_head=8, n_head_kv=4,

@@ -42,7 +42,6 @@ class ConvertResult:
 
 
 def _router_plans(router: Router) -> List[TensorPlan]:
-    from edgemoe.convert.writer import encode
     import gguf
     import numpy as np
 

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from gguf import GGUFValueType as VT
 from gguf import MODEL_TENSOR as T
 from gguf import TENSOR_NAMES
 
-from edgemoe.convert.hf_archs import GLOBAL, ArchSpec, arch_for, head_dim
+from edgemoe.convert.hf_archs import ArchSpec, arch_for
 from edgemoe.convert.safetensors import Checkpoint
 from edgemoe.convert.tokenizer import load_vocab
 from edgemoe.convert.writer import KV, TensorPlan, encode

@@ -33,13 +33,6 @@ _SHARED_EXPERT = {
     "mlp.shared_expert_gate": T.FFN_GATE_INP_SHEXP,
 }
 
-GLOBAL = {
-    "model.embed_tokens.weight": T.TOKEN_EMBD,
-    "model.norm.weight": T.OUTPUT_NORM,
-    "lm_head.weight": T.OUTPUT,
-}
-
-
 @dataclass(frozen=True)
 class Hparam:
     key: str          # a gguf.Keys template with {arch}
