@@ -106,7 +106,7 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
 @click.option("--no-warmup", is_flag=True, help="Skip the untimed warm-up run of each test.")
 @click.option("--preload", is_flag=True,
               help="Load every expert the cache can hold before the warm-up, as stock llama.cpp's load reads "
-                   "the whole file (a warm 100 %% cache).")
+                   "the whole file (a warm 100 % cache).")
 @click.option("--read-ahead", "read_ahead", type=click.IntRange(min=0), default=None, metavar="KB",
               help="Set the model disk's read-ahead for the run (restored after; needs root). "
                    "Linux's default is 128.")
