@@ -221,3 +221,24 @@ def test_bad_router_file_is_refused(source, tmp_path, edgemoe_env):
     out_dir.mkdir()
     _refused(_cli([str(source), "-o", str(out_dir / "m.gguf"), "--router", str(router)], edgemoe_env), "router")
     _no_outputs(out_dir)
+
+
+def test_disk_full_leaves_no_output(source, tmp_path, edgemoe_env):
+    """A write that fails midway (here: a file-size limit, as a full disk would) removes the
+    temporary file and never creates OUT."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    src = tmp_path / "src.gguf"
+    src.write_bytes(source.read_bytes())
+    assert src.stat().st_size > 256 * 1024
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "edgemoe", "convert", str(src), "-o", str(out_dir / "m.gguf")],
+                          env=edgemoe_env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    _refused(proc, "cannot write")
+    _no_outputs(out_dir)
