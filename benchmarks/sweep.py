@@ -18,7 +18,7 @@ It prints a markdown report (BENCHMARKS.md takes it as is), writes everything me
 --out, and the plots with benchmarks/plot.py. Needs root (cgroups, read-ahead, dropping pages).
 
     python benchmarks/sweep.py --router-skew 8 --out benchmarks/out/sweep-skew8.json --plots benchmarks
-    python benchmarks/sweep.py --model small.gguf --repetitions 1 --n-gen 8 --out /tmp/s.json   # a try-out
+    python benchmarks/sweep.py --model small.gguf --repetitions 1 --n-gen 8 --out benchmarks/out/try.json   # a try-out
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The real run (preset `tiny`, on a GPU; models/README.md has the exact command an
 
 A CPU smoke test of the same code on a toy configuration (tests/test_train_smoke.py):
 
-    python models/train_tiny.py --preset smoke --out /tmp/smoke --seed 1
+    python models/train_tiny.py --preset smoke --out runs/smoke --seed 1
 
 Training draws random windows of `seq_len` tokens from the train split (documents joined by
 <|endoftext|>), optimizes next-token cross-entropy plus `router_aux_loss_coef` times the
