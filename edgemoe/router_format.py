@@ -157,7 +157,7 @@ class Router:
         """Agreement with the backbone the router is attached to."""
         self.check()
         if not model.moe_layers:
-            raise RouterFormatError("the model has no MoE layers: a router needs a mixture-of-experts model")
+            raise RouterFormatError("the model is dense (no expert tensors): a router needs a mixture-of-experts model")
         if self.hparams.n_vocab != model.n_vocab:
             raise RouterFormatError(f"router vocabulary {self.hparams.n_vocab} differs from the model's {model.n_vocab}")
         if tuple(int(x) for x in self.layers) != tuple(model.moe_layers):
@@ -241,13 +241,9 @@ def _from_parts(keys: Dict[str, object], tensors: Dict[str, np.ndarray], where: 
 
 # --- GGUF ---------------------------------------------------------------------------------
 
-def _field_value(f) -> object:
-    return f.contents()
-
-
 def read_gguf_router(reader: "gguf.GGUFReader", where: str) -> Optional[Router]:
     """The router inside an open GGUF, or None when it carries no `edgemoe.router.*` data."""
-    keys = {name: _field_value(f) for name, f in reader.fields.items() if name.startswith(PREFIX)}
+    keys = {name: f.contents() for name, f in reader.fields.items() if name.startswith(PREFIX)}
     tensors = {}
     for t in reader.tensors:
         if t.name.startswith(PREFIX):

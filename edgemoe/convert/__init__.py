@@ -19,7 +19,7 @@ from edgemoe.convert.hf import FLOAT_TYPES, is_checkpoint_dir, plan_checkpoint
 from edgemoe.convert.quantize import OUTTYPES, quantize
 from edgemoe.convert.safetensors import Checkpoint
 from edgemoe.convert.writer import TensorPlan, write_gguf
-from edgemoe.errors import ConvertError, RouterFormatError
+from edgemoe.errors import ConvertError
 from edgemoe.files import discard, publish, temp_beside
 from edgemoe.router_format import Backbone, Router, load_router
 
@@ -59,9 +59,7 @@ def _check_paths(src: str, out: str) -> None:
         raise ConvertError(f"{src}: no such file or directory")
     if os.path.isdir(out):
         raise ConvertError(f"output {out} is a directory")
-    if os.path.exists(out) and os.path.samefile(src, out):
-        raise ConvertError(f"output {out} is the source: edgemoe convert never overwrites its input")
-    if os.path.realpath(src) == os.path.realpath(out):
+    if os.path.exists(out) and os.path.samefile(src, out):  # also hard links and symlinks
         raise ConvertError(f"output {out} is the source: edgemoe convert never overwrites its input")
 
 
@@ -100,8 +98,6 @@ def _finish(plan_arch: str, kv, tensors: List[TensorPlan], router: Optional[Rout
             out: str, align: int, temp) -> tuple:
     """Writes the final file and renames it to `out`; returns (size, number of tensors)."""
     if router is not None:
-        if not backbone.moe_layers:
-            raise RouterFormatError("the model is dense (no expert tensors): a router needs a mixture-of-experts model")
         router.check_against(backbone)
         kv = list(kv) + [(k, v, t, None) for k, v, t in router.kv_items()]
         tensors = list(tensors) + _router_plans(router)
@@ -112,14 +108,14 @@ def _finish(plan_arch: str, kv, tensors: List[TensorPlan], router: Optional[Rout
 
 
 def _from_gguf(src: str, out: str, new_router, outtype, align, n_threads, temp) -> ConvertResult:
-    plan = plan_gguf(src, keep_router=new_router is None)
+    plan = plan_gguf(src)
     router = new_router
     if outtype is not None:
         base = src
         if plan.router is not None or plan.alignment != GGUF_DEFAULT_ALIGNMENT:
             # llama.cpp's quantizer does not know router tensors, and pads its output to the
             # default alignment whatever general.alignment says: hand it a plain backbone
-            stripped = plan_gguf(src, keep_router=False)
+            stripped = plan.without_router()
             base = temp()
             write_gguf(base, stripped.arch, stripped.kv, stripped.tensors, GGUF_DEFAULT_ALIGNMENT,
                        label="preparing")
@@ -128,7 +124,7 @@ def _from_gguf(src: str, out: str, new_router, outtype, align, n_threads, temp) 
         quantize(base, quantized, outtype, n_threads)
         plan = plan_gguf(quantized)
     elif router is not None:
-        plan = plan_gguf(src, keep_router=False)
+        plan = plan.without_router()
     kept = router or plan.router
     size, n = _finish(plan.arch, plan.kv, plan.tensors, router, plan.backbone, out, align, temp)
     return ConvertResult(out, "gguf", plan.arch, n, outtype, align, kept.kind if kept else None, size)
@@ -148,8 +144,7 @@ def _from_checkpoint(src: str, out: str, router, outtype, align, n_threads, temp
             router.check_against(backbone)
         if outtype is not None and float_type is None:
             base = temp()
-            write_gguf(base, plan.arch, plan.kv, plan.tensors, 32, label="converting")
-            ckpt.close()
+            write_gguf(base, plan.arch, plan.kv, plan.tensors, GGUF_DEFAULT_ALIGNMENT, label="converting")
             quantized = temp()
             quantize(base, quantized, outtype, n_threads)
             q = plan_gguf(quantized)

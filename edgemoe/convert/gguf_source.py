@@ -3,7 +3,7 @@ only the data alignment (and, on request, the router) different."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -43,6 +43,12 @@ class GGUFPlan:
     backbone: Backbone
     alignment: int
 
+    def without_router(self) -> "GGUFPlan":
+        """The same file less its `edgemoe.router.*` keys and tensors."""
+        return replace(self, router=None,
+                       kv=[item for item in self.kv if not item[0].startswith(ROUTER_PREFIX)],
+                       tensors=[t for t in self.tensors if not t.name.startswith(ROUTER_PREFIX)])
+
 
 def _value(field) -> Tuple[object, VT, Optional[VT]]:
     vtype = VT(field.types[0])
@@ -67,7 +73,7 @@ def backbone_of(reader: "gguf.GGUFReader", arch: str) -> Backbone:
                     n_expert_used=int(get(f"{arch}.expert_used_count")), moe_layers=tuple(layers))
 
 
-def plan_gguf(path: str, keep_router: bool = True) -> GGUFPlan:
+def plan_gguf(path: str) -> GGUFPlan:
     reader = open_gguf(path)
     arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
@@ -78,14 +84,10 @@ def plan_gguf(path: str, keep_router: bool = True) -> GGUFPlan:
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in _WRITER_KEYS:
             continue
-        if name.startswith(ROUTER_PREFIX) and not keep_router:
-            continue
         value, vtype, sub = _value(field)
         kv.append((name, value, vtype, sub))
     tensors: List[TensorPlan] = []
     for t in reader.tensors:
-        if t.name.startswith(ROUTER_PREFIX) and not keep_router:
-            continue
         qtype = gguf.GGMLQuantizationType(t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         tensors.append(TensorPlan(t.name, shape, qtype, lambda t=t: np.asarray(t.data)))

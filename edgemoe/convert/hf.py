@@ -93,12 +93,9 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    used: Set[str] = set()
+    used: Set[str] = set()  # checkpoint tensors some plan reads; the rest must be ignorable
     plans: List[TensorPlan] = []
-
-    def take(name: str) -> np.ndarray:
-        used.add(name)
-        return ckpt.tensor(name)
+    take = ckpt.tensor
 
     def add(t: T, bid: Optional[int], suffix: str, shape: Tuple[int, ...], make: Callable[[], np.ndarray]) -> None:
         qtype = QType.F32 if len(shape) == 1 or t in _KEEP_F32 else wtype
@@ -141,7 +138,7 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
             raise ConvertError(f"{directory}: layer {i} has no router tensor ({prefix}{spec.router}.weight)")
         add_plain(router, T.FFN_GATE_INP, i, "weight")
         n_expert = int(ckpt.shape(router)[0])
-        _plan_experts(ckpt, spec, prefix, i, n_expert, take, used, add, directory)
+        _plan_experts(ckpt, spec, prefix, i, n_expert, used, add, directory)
     add_plain("model.norm.weight", T.OUTPUT_NORM, None, "weight")
     if "lm_head.weight" in ckpt:
         add_plain("lm_head.weight", T.OUTPUT, None, "weight")
@@ -167,8 +164,9 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
                   n_expert_used=int(cfg["num_experts_per_tok"]), moe_layers=tuple(range(n_layer)))
 
 
-def _plan_experts(ckpt: Checkpoint, spec: ArchSpec, prefix: str, i: int, n_expert: int, take, used: Set[str],
+def _plan_experts(ckpt: Checkpoint, spec: ArchSpec, prefix: str, i: int, n_expert: int, used: Set[str],
                   add, directory: str) -> None:
+    take = ckpt.tensor
     gate, up, down = spec.expert_proj
     per_expert = f"{prefix}{spec.expert_prefix}.0.{gate}.weight"
     fused = next((f"{prefix}{p}.gate_up_proj" for p in (spec.expert_prefix, "mlp.experts")

@@ -53,11 +53,12 @@ class ArchSpec:
     permute_qk: bool = False                 # llama.cpp's llama arch rotates interleaved pairs
 
 
-def _get(cfg: dict, *names, default=None, required=True):
+def _get(cfg: dict, *names, default=None):
+    """The first of `names` that config.json sets, else `default`; an error when neither."""
     for n in names:
         if cfg.get(n) is not None:
             return cfg[n]
-    if required and default is None:
+    if default is None:
         raise ConvertError(f"config.json lacks {names[0]}")
     return default
 
