@@ -35,6 +35,19 @@ needs_cache = pytest.mark.skipif(
     reason="libedgemoe.so not found in " + (str(_native.lib_dir()) if HAS_LLAMA else "EDGEMOE_LIB_DIR"),
 )
 
+def assert_one_line_error(proc, *needles) -> str:
+    """A finished `edgemoe` subprocess failed the way users should see: non-zero exit, one
+    `edgemoe: error:` line naming each needle (lower case), no traceback. Returns the line."""
+    assert proc.returncode != 0, proc
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, proc.stderr
+    assert err.startswith("edgemoe: error: "), err
+    for needle in needles:
+        assert needle in err.lower(), err
+    return err
+
+
 def on_tmpfs(path) -> bool:
     """Whether `path` lies on a RAM file system (no page cache to measure, no O_DIRECT)."""
     best, fstype = "", ""

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import needs_cache, on_tmpfs
+from conftest import assert_one_line_error, needs_cache, on_tmpfs
 from edgemoe.bench.results import FIELDS, SCALAR_FIELDS
 from edgemoe.cgroup import find_memory_controller, leftover_groups
 
@@ -39,13 +39,7 @@ def _json_rows(proc):
 
 
 def _assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err = proc.stderr.strip()
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, proc.stderr
-    assert err.startswith("edgemoe: error: "), err
-    for needle in needles:
-        assert needle in err.lower(), err
+    assert_one_line_error(proc, *needles)
     assert proc.stdout == ""  # nothing ran
 
 

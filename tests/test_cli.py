@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import needs_cache, needs_llama
+from conftest import assert_one_line_error as _assert_one_line_error, needs_cache, needs_llama
 
 pytestmark = needs_llama
 
@@ -17,17 +17,6 @@ pytestmark = needs_llama
 def _run(args, env, timeout=120):
     return subprocess.run([sys.executable, "-m", "edgemoe", "run", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0, proc
-    err = proc.stderr.strip()
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, proc.stderr
-    assert err.startswith("edgemoe: error: "), err
-    for needle in needles:
-        assert needle in err.lower(), err
-    return err
 
 
 def test_run_streams_text_and_writes_stats(tiny_models, edgemoe_env, tmp_path):

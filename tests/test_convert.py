@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, needs_cache
+from conftest import N_THREADS, assert_one_line_error, needs_cache
 from hf_checkpoints import ARCHS, TEXT, write_checkpoint
 
 pytestmark = needs_cache
@@ -162,11 +162,7 @@ def _convert_cli(args, env):
 
 
 def _assert_refused(proc, out_dir, needle):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("edgemoe: error: "), proc.stderr
-    assert needle in err.lower(), err
+    assert_one_line_error(proc, needle)
     assert not [p for p in os.listdir(out_dir) if p.endswith(".gguf") or p.endswith(".tmp")], os.listdir(out_dir)
 
 
