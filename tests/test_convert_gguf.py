@@ -169,7 +169,7 @@ def _no_outputs(d, keep=()):
     assert left == [], left
 
 
-def test_out_equal_to_src_isassert_one_line_error(source, tmp_path, edgemoe_env):
+def test_out_equal_to_src_is_refused(source, tmp_path, edgemoe_env):
     src = tmp_path / "m.gguf"
     src.write_bytes(source.read_bytes())
     before = src.read_bytes()
@@ -180,7 +180,7 @@ def test_out_equal_to_src_isassert_one_line_error(source, tmp_path, edgemoe_env)
 
 
 @pytest.mark.parametrize("case", ["garbage", "truncated", "missing"])
-def test_corrupt_gguf_isassert_one_line_error(case, source, tmp_path, edgemoe_env):
+def test_corrupt_gguf_is_refused(case, source, tmp_path, edgemoe_env):
     src = tmp_path / "src.gguf"
     data = source.read_bytes()
     if case == "garbage":
@@ -194,7 +194,7 @@ def test_corrupt_gguf_isassert_one_line_error(case, source, tmp_path, edgemoe_en
     _no_outputs(out_dir)
 
 
-def test_dense_model_with_router_isassert_one_line_error(dense_model, source, tmp_path, edgemoe_env):
+def test_dense_model_with_router_is_refused(dense_model, source, tmp_path, edgemoe_env):
     from edgemoe.router_format import random_router, write_safetensors_router
 
     router = tmp_path / "router.safetensors"
@@ -206,7 +206,7 @@ def test_dense_model_with_router_isassert_one_line_error(dense_model, source, tm
     _no_outputs(out_dir)
 
 
-def test_bad_router_file_isassert_one_line_error(source, tmp_path, edgemoe_env):
+def test_bad_router_file_is_refused(source, tmp_path, edgemoe_env):
     router = tmp_path / "router.safetensors"
     router.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}        ")
     out_dir = tmp_path / "out"
