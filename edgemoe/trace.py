@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import click
 import numpy as np
@@ -131,12 +130,16 @@ def routes_from_rows(rows: np.ndarray, n_tokens: int) -> tuple:
     return experts, layers
 
 
-def record_trace(model_path: str, tokens: Sequence[int], ctx: int = 512, n_threads: Optional[int] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> Trace:
+def record_trace(model_path: str, tokens: Union[str, Sequence[int]], ctx: int = 512,
+                 n_threads: Optional[int] = None, max_tokens: Optional[int] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Trace:
     """Evaluates `tokens` in windows of `ctx` and returns every token's routes.
 
     Args:
-        progress: called with the number of tokens done after each window.
+        tokens: token ids, or text, tokenized by the model's own tokenizer without BOS (plain
+            running text) with the same loaded model that records the routes.
+        max_tokens: route only the first N tokens.
+        progress: called with (tokens done, tokens in all) after each window.
     """
     from edgemoe.cache import inspect_model
     from edgemoe.engine import Engine
@@ -144,20 +147,24 @@ def record_trace(model_path: str, tokens: Sequence[int], ctx: int = 512, n_threa
 
     if ctx < 1:
         raise InvalidArgumentError("--ctx must be positive")
-    if not tokens:
-        raise InvalidArgumentError("the text has no tokens")
-    info = inspect_model(model_path)
-    if info.n_moe_layer == 0:
-        raise InvalidArgumentError(f"{os.path.basename(model_path)} has no routed experts (dense model)")
     recorder = RouteRecorder()
     try:
+        # the engine first: its checks of the file give the clearest errors
         with Engine(model_path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=n_threads,
                     route_recorder=recorder) as engine:
+            info = inspect_model(model_path)
+            if info.n_moe_layer == 0:
+                raise InvalidArgumentError(f"{os.path.basename(model_path)} has no routed experts (dense model)")
+            if isinstance(tokens, str):
+                tokens = engine.tokenize(tokens, add_special=False)
+            tokens = list(tokens)[:max_tokens]
+            if not tokens:
+                raise InvalidArgumentError("the text has no tokens")
             for start in range(0, len(tokens), ctx):
                 engine.reset()
                 engine.eval(tokens[start:start + ctx])  # all logits: the last layer routes every token
                 if progress is not None:
-                    progress(min(start + ctx, len(tokens)))
+                    progress(min(start + ctx, len(tokens)), len(tokens))
         experts, layers = routes_from_rows(recorder.rows(), len(tokens))
     finally:
         recorder.close()
@@ -279,14 +286,6 @@ def format_table(stats: RoutingStats) -> str:
 # -- commands ----------------------------------------------------------------------------
 
 
-def _tokens_of(model_path: str, text: str, n_threads: Optional[int]) -> List[int]:
-    """The text's tokens as the model's own tokenizer makes them (no BOS: plain running text)."""
-    from edgemoe.engine import Engine
-
-    with Engine(model_path, n_ctx=8, n_batch=8, n_ubatch=8, n_threads=n_threads) as engine:
-        return engine.tokenize(text, add_special=False)
-
-
 @click.command("trace")
 @click.option("-m", "--model", "model_path", required=True, metavar="FILE", help="GGUF MoE model.")
 @click.option("--text", "text_path", required=True, metavar="FILE", help="UTF-8 text to route.")
@@ -319,22 +318,13 @@ def trace(model_path: str, text_path: str, out_path: str, ctx: int, max_tokens: 
     except OSError as e:
         raise CliError(f"cannot write {out_path}: {e.strerror or e}") from None
     try:
-        tokens = _tokens_of(model_path, text, threads)
-        if max_tokens is not None:
-            tokens = tokens[:max_tokens]
-        if not tokens:
-            raise CliError(f"--text {text_path} has no tokens")
-        if click.get_text_stream("stderr").isatty():  # a progress bar only for a person watching
-            with click.progressbar(length=len(tokens), label="routing", file=sys.stderr) as bar:
-                done = [0]
+        def progress(done: int, total: int) -> None:
+            click.echo(f"\rrouting {done}/{total} tokens", err=True, nl=done == total)
 
-                def progress(n):
-                    bar.update(n - done[0])
-                    done[0] = n
-
-                result = record_trace(model_path, tokens, ctx=ctx, n_threads=threads, progress=progress)
-        else:
-            result = record_trace(model_path, tokens, ctx=ctx, n_threads=threads)
+        # a progress line only for a person watching
+        watching = click.get_text_stream("stderr").isatty()
+        result = record_trace(model_path, text, ctx=ctx, n_threads=threads, max_tokens=max_tokens,
+                              progress=progress if watching else None)
         save_trace(result, out_path)
     except EdgemoeError as e:
         raise CliError(str(e)) from None
