@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import default_path, ensure_model  # noqa: E402
 from floors import direct_bandwidth, expert_slices, io_floor, routing_stats  # noqa: E402
 
+from edgemoe.cpus import default_threads  # noqa: E402
+from edgemoe.files import discard, publish, temp_beside  # noqa: E402
+
 BUDGETS = ("10%", "25%", "50%")
 SIM_POLICIES = ("default", "lru", "lfu", "belady")
 
@@ -99,7 +102,7 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--policies", default="default,lru,lfu")
     ap.add_argument("--read-ahead", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/sweep.json"))
     ap.add_argument("--plots", type=Path, help="write the PNG plots into this directory")
@@ -221,9 +224,14 @@ def refresh_floors(results: dict) -> None:
 
 def save(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        publish(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -236,16 +244,6 @@ def _tpot_cell(rows) -> str:
     if r["status"] != "ok":
         return r["status"].upper()
     return f"{r['tpot_ms']:.1f} ± {r['tpot_ms_stddev']:.1f} ({r['tpot_p50_ms']:.1f})"
-
-
-def _pm(rows, key, digits=1):
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    sds = [r.get(f"{key}_stddev") for r in rows]
-    if not vals:
-        return "-"
-    if len(vals) == 1 and sds[0] is not None:
-        return f"{vals[0]:.{digits}f} ± {sds[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f}"
 
 
 def _cold_table(results, kind, fl) -> list:

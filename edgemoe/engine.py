@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from edgemoe import log
+from edgemoe.cpus import default_threads
 from edgemoe._native import llama
 from edgemoe.bindings import IO_MODES, POLICIES
 from edgemoe.budget import Budget, parse_budget
@@ -84,12 +85,6 @@ class ModelDescription:
 # KV cache types by name -> enum ggml_type
 _KV_TYPES = {"f32": 0, "f16": 1}
 
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def _check_model_file(path: str) -> None:
@@ -184,7 +179,7 @@ class Engine:
                 llama.llama_backend_init()
                 _backend_ready = True
             self._load_model(n_gpu_layers)
-            self._create_context(n_ctx, n_batch, n_ubatch, n_threads or _default_threads())
+            self._create_context(n_ctx, n_batch, n_ubatch, n_threads or default_threads())
             if self._cache is not None:
                 self._cache.attach(self._ctx)
         except BaseException:

@@ -58,14 +58,6 @@ class Shape:
     embd_type: str = "Q8_0"
     router_type: str = "F32"   # llama.cpp's quantizer keeps routers in F32 too
 
-    @property
-    def shared_desc(self) -> str:
-        if self.arch == "qwen2moe":
-            return f"1 gated, width {self.n_ff}"
-        if self.n_expert_shared:
-            return f"{self.n_expert_shared} x width {self.n_ff_exp}"
-        return "none"
-
 
 SHAPES: Dict[str, Shape] = {s.name: s for s in (
     # MLA: q_lora_rank null (Lite), kv_lora_rank 512, qk_nope 128 + qk_rope 64, v_head 128;

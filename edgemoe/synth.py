@@ -36,6 +36,7 @@ import gguf
 from gguf import GGMLQuantizationType as QType
 from gguf import Keys, MODEL_TENSOR, TENSOR_NAMES
 
+from edgemoe.cpus import default_threads
 from edgemoe.files import discard, publish, temp_beside
 from edgemoe.gguf_header import read_header
 from edgemoe.synth_fill import (ENCODE_TYPES, RANDOM_TYPES, block_size, encode_rows, random_rows,
@@ -475,7 +476,7 @@ def write_model(path: Union[str, os.PathLike], cfg: SynthConfig, n_threads: Opti
     n_vocab, specs = plan(cfg)
     fields = _tokenizer_fields(str(cfg.vocab))
     if n_threads is None:
-        n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n_threads = default_threads()
     n_threads = max(1, n_threads)
 
     fd, tmp = temp_beside(path)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, TINY, needs_cache
+from conftest import N_THREADS, TINY, assert_one_line_error, needs_cache
 from edgemoe.trace import (FORMAT_VERSION, Trace, TraceFormatError, eor_per_layer, load_trace, lru_capacity,
                            lru_hit_rate, routing_stats, routes_from_rows, save_trace, usage_entropy_bits)
 
@@ -28,10 +28,7 @@ def _cli(args, env):
 
 def _one_line_error(proc):
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgemoe: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+    return assert_one_line_error(proc)
 
 
 def _trace(experts, n_expert=8, layers=None):

@@ -14,18 +14,12 @@ import click
 
 from edgemoe.bench.output import FORMATS
 from edgemoe.bench.params import AUTO, AUTO_OVERHEAD
+from edgemoe.cpus import default_threads
 from edgemoe.errors import EdgemoeError
 from edgemoe.run import CliError
 
 POLICY_CHOICES = ("default", "lru", "lfu", "belady")
 IO_CHOICES = ("direct", "buffered", "mmap")
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 class _Notices:
@@ -130,7 +124,7 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
     try:
         model_paths = [check_model_path(m) for m in P.unique(P.split_list(models))]
         tests = _tests(P.int_list(n_prompt, "-p"), P.int_list(n_gen, "-n"), prompts_file is not None)
-        thread_list = P.int_list(threads, "-t", 1) if threads else [_default_threads()]
+        thread_list = P.int_list(threads, "-t", 1) if threads else [default_threads()]
         batches = P.int_list(batch_size, "-b", 1)
         ubatches = P.int_list(ubatch_size, "-ub", 1)
         ngls = P.int_list(n_gpu_layers, "-ngl", 0)

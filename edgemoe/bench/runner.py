@@ -111,13 +111,10 @@ def _spawn(spec: ChildSpec, limit: Optional[int], controller: Optional[MemoryCon
         cgroup = MemoryCgroup(controller, limit) if limit is not None and controller is not None else None
         try:
             with open(err_path, "w+", encoding="utf-8", errors="replace") as err:
-                procs = str(cgroup.path / "cgroup.procs") if cgroup else None
-
                 def enter() -> None:
                     # in the child, before exec: every page it touches counts against the limit
-                    if procs:
-                        with open(procs, "w") as f:
-                            f.write(str(os.getpid()))
+                    if cgroup is not None:
+                        cgroup.add(os.getpid())
 
                 proc = subprocess.Popen([sys.executable, "-m", "edgemoe.bench.child", spec_path, out_path],
                                         stdin=subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=enter)
