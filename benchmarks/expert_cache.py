@@ -222,7 +222,7 @@ def main() -> int:
                                                    stop_token=args.n_prompt + args.n_gen)
     results["warm_compute_ms"] = compute_ms
     results["simulations"] = sims
-    results["routing"] = routing_stats(routes, info.n_expert, args.n_prompt)
+    results["routing"] = routing_stats([routes], info.n_expert, args.n_prompt)
 
     save(results, args.out)
     print(f"wrote {args.out}", file=sys.stderr)

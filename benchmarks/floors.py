@@ -77,21 +77,31 @@ def io_floor(routes: np.ndarray, slots: int, policy: str, prompt_tokens: int, n_
             "floor_no_overlap_ms": compute_ms + io_ms, "floor_overlap_ms": max(compute_ms, io_ms)}
 
 
-def routing_stats(routes: np.ndarray, n_expert: int, n_prompt: int) -> dict:
-    """Skew of the recorded routing: share of uses taken by the top quarter of experts per layer,
-    usage entropy (bits) and the expert overlap ratio between consecutive decode tokens."""
-    layers = np.unique(routes[:, 0])
-    top_quarter, entropy, eor = [], [], []
+def routing_stats(runs: list, n_expert: int, n_prompt: int) -> dict:
+    """Skew of the recorded routing, over the routes of each repetition (rows: layer, token,
+    expert ids): share of uses taken by the top quarter of experts per layer, usage entropy
+    (bits) and the expert overlap ratio between consecutive decode tokens of one repetition.
+
+    A layer may hold fewer prompt rows than n_prompt (see cache_sim.steps_of): its decode
+    rows are its last ones."""
+    from edgemoe.trace import eor_per_layer, usage_entropy_bits
+
+    every = np.concatenate(runs)
+    layers = np.unique(every[:, 0])
+    top_quarter, entropy = [], []
     for il in layers:
-        r = routes[routes[:, 0] == il]
-        ids = r[:, 2:]
-        counts = np.bincount(ids.ravel(), minlength=n_expert).astype(float)
-        p = counts / counts.sum()
+        ids = every[every[:, 0] == il][:, 2:]
+        p = np.bincount(ids.ravel(), minlength=n_expert) / ids.size
         top_quarter.append(np.sort(p)[::-1][: n_expert // 4].sum())
-        nz = p[p > 0]
-        entropy.append(float(-(nz * np.log2(nz)).sum()))
-        dec = ids[n_prompt:]
-        k = ids.shape[1]
-        eor += [len(set(a) & set(b)) / k for a, b in zip(dec[:-1], dec[1:])]
+        entropy.append(usage_entropy_bits(ids, n_expert))
+    eor, n_pairs = 0.0, 0
+    for run in runs:
+        by_layer = [run[run[:, 0] == il][:, 2:] for il in layers]
+        n_decode = max(len(r) for r in by_layer) - n_prompt
+        if n_decode < 2:
+            continue
+        decode = np.stack([r[-n_decode:] for r in by_layer], axis=1)  # [tokens, layers, k]
+        eor += float(eor_per_layer(decode).mean()) * (n_decode - 1)
+        n_pairs += n_decode - 1
     return {"top_quarter_share": float(np.mean(top_quarter)), "entropy_bits": float(np.mean(entropy)),
-            "max_entropy_bits": float(np.log2(n_expert)), "eor": float(np.mean(eor)) if eor else None}
+            "max_entropy_bits": float(np.log2(n_expert)), "eor": eor / n_pairs if n_pairs else None}

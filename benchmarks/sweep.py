@@ -181,7 +181,7 @@ def floors(results: dict, routes: list, args, kind: str) -> dict:
     tg = f"tg{N}"
     compute_ms = warm_compute_ms(results)
     out = {"compute_ms": compute_ms, "n_timed_tokens": N, "budgets": {},
-           "routing": routing_stats(np.concatenate(routes), results["n_expert"], P)}
+           "routing": routing_stats(routes, results["n_expert"], P)}
     for budget in BUDGETS:
         measured = [r for r in rows_of(results[kind], tg, expert_cache=budget) if r["expert_cache_slots"]]
         if not measured:
