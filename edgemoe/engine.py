@@ -15,17 +15,17 @@ import numpy as np
 
 from edgemoe import log
 from edgemoe.cpus import default_threads
+from edgemoe.files import check_model_file
 from edgemoe._native import llama
 from edgemoe.bindings import IO_MODES, POLICIES
 from edgemoe.budget import Budget, parse_budget
 from edgemoe.cache import CacheStats, ExpertCache
-from edgemoe.errors import (ContextFullError, DecodeError, EdgemoeIOError, InvalidArgumentError,
-                            ModelFormatError, ModelLoadError, NoExpertsError, StateError)
+from edgemoe.errors import (ContextFullError, DecodeError, InvalidArgumentError, ModelLoadError,
+                            NoExpertsError, StateError)
 
 # The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
 LAZY_EXPERTS_KEY = b"edgemoe.cache.lazy_experts"
 
-_GGUF_MAGIC = b"GGUF"
 _backend_ready = False
 
 
@@ -85,21 +85,6 @@ class ModelDescription:
 # KV cache types by name -> enum ggml_type
 _KV_TYPES = {"f32": 0, "f16": 1}
 
-
-
-def _check_model_file(path: str) -> None:
-    """Fails with a one-line reason before llama.cpp sees the file."""
-    if not os.path.exists(path):
-        raise EdgemoeIOError(f"model file not found: {path}")
-    if not os.path.isfile(path):
-        raise EdgemoeIOError(f"model path is not a file: {path}")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise EdgemoeIOError(f"cannot read model file {path}: {e.strerror}") from None
-    if magic != _GGUF_MAGIC:
-        raise ModelFormatError(f"not a GGUF file: {path}")
 
 
 def _peak_rss_bytes() -> int:
@@ -165,7 +150,7 @@ class Engine:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(IO_MODES)}")
         budget = parse_budget(expert_cache)
         log.install(verbose)
-        _check_model_file(self.model_path)
+        check_model_file(self.model_path)
 
         try:
             if budget is not None:

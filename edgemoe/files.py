@@ -31,3 +31,22 @@ def discard(tmp: str) -> None:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
+
+
+def check_model_file(path: PathLike) -> None:
+    """Fails with a one-line reason (EdgemoeIOError, ModelFormatError) before llama.cpp or a
+    child process sees the file."""
+    from edgemoe.errors import EdgemoeIOError, ModelFormatError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise EdgemoeIOError(f"model file not found: {path}")
+    if not os.path.isfile(path):
+        raise EdgemoeIOError(f"model path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise EdgemoeIOError(f"cannot read model file {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelFormatError(f"not a GGUF file: {path}")

@@ -6,6 +6,7 @@ import json
 import os
 from typing import List
 
+from edgemoe.files import check_model_file
 from edgemoe.budget import parse_budget
 from edgemoe.errors import EdgemoeIOError, InvalidArgumentError
 
@@ -49,7 +50,5 @@ def parse_mem_limit(text: str) -> int:
 
 
 def check_model_path(path: str) -> str:
-    if not os.path.isfile(path):
-        raise EdgemoeIOError(f"model file not found: {path}" if not os.path.exists(path)
-                             else f"model path is not a file: {path}")
+    check_model_file(path)
     return os.path.abspath(path)
