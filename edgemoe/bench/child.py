@@ -7,6 +7,7 @@ Tokenization, sampling and route setting happen outside the timed calls, as in l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -108,6 +109,7 @@ class _Runner:
                 raise EdgemoeError(f"--preload: the expert reads did not finish within {timeout_s:.0f} s")
             time.sleep(0.01)
 
+    @functools.cached_property
     def meta(self) -> dict:
         """What the rows say about the model and the cache, known once the model is loaded."""
         d = self.engine.describe()
@@ -191,7 +193,7 @@ class _Runner:
                 pos += per_test[i]
                 if rep != WARMUP_REP:
                     results[i].append(measured)
-        out = dict(status="ok", **self.meta(),
+        out = dict(status="ok", **self.meta,
                    tests=[dict(test, reps=results[i]) for i, test in enumerate(spec.tests)],
                    replayed=self.replay is not None)
         if self.recorder is not None:
@@ -220,7 +222,7 @@ def main(argv: List[str]) -> int:
     try:
         runner = _Runner(spec)
         # for the parent's rows should the kernel kill us for memory from here on
-        _write(out_path + META_SUFFIX, runner.meta())
+        _write(out_path + META_SUFFIX, runner.meta)
         result = runner.run()
     except EdgemoeError as e:
         _write(out_path, dict(status="error", error=" ".join(str(e).split())))
