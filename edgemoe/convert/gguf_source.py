@@ -13,6 +13,7 @@ from gguf import GGUFValueType as VT
 
 from edgemoe.convert.writer import KV, TensorPlan
 from edgemoe.errors import ConvertError
+from edgemoe.files import check_model_file
 from edgemoe.router_format import PREFIX as ROUTER_PREFIX
 from edgemoe.router_format import Backbone, Router, read_gguf_router
 
@@ -21,13 +22,7 @@ _WRITER_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT}
 
 
 def open_gguf(path: str) -> "gguf.GGUFReader":
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ConvertError(f"cannot read {path}: {e.strerror or e}") from None
-    if magic != b"GGUF":
-        raise ConvertError(f"{path} is not a GGUF file")
+    check_model_file(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises assorted errors on damaged headers
