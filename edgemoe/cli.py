@@ -11,6 +11,7 @@ from edgemoe.bench.cli import bench
 from edgemoe.convert.command import convert_command
 from edgemoe.run import CliError, run
 from edgemoe.info import info_command
+from edgemoe.inflate import inflate_command
 from edgemoe.synth_cli import synth_command
 from edgemoe.trace import trace, trace_stats
 
@@ -28,6 +29,7 @@ cli.add_command(bench)
 cli.add_command(convert_command)
 cli.add_command(trace)
 cli.add_command(trace_stats)
+cli.add_command(inflate_command)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ from edgemoe.run import CliError
 
 SLICE_ALIGNMENT = 4096  # O_DIRECT's page
 ROUTER_PREFIX = "edgemoe.router."
+INFLATE_PREFIX = "edgemoe.inflate."  # written by `edgemoe inflate` (edgemoe/inflate.py)
 EXPERT_ROLES = ("gate", "up", "down", "gate_up")
 
 # display order of tensor roles
@@ -98,6 +99,7 @@ class ModelReport:
     roles: Dict[str, RoleInfo]
     router: Optional[RouterInfo]
     dense: bool = field(default=False)
+    inflate: Optional[Dict[str, object]] = None  # the edgemoe.inflate.* keys, prefix dropped
 
     @property
     def n_moe_layer(self) -> int:
@@ -233,6 +235,8 @@ def describe(path) -> ModelReport:
                             n_tensors=len(router_tensors), bytes=sum(t.nbytes for t in router_tensors),
                             keys=keys, tensors=[t.name for t in router_tensors])
 
+    inflate = {k[len(INFLATE_PREFIX):]: v for k, v in h.kv.items() if k.startswith(INFLATE_PREFIX)} or None
+
     total = sum(t.nbytes for t in h.tensors)
     name = h.get("general.name")
     return ModelReport(
@@ -248,7 +252,7 @@ def describe(path) -> ModelReport:
         slices_aligned=not (misaligned or odd_sizes) if experts else None,
         misaligned_offsets=misaligned, odd_slice_sizes=odd_sizes,
         min_budget_bytes=n_expert_used * sum(p.slot_bytes for p in pools) if experts else 0,
-        roles={r: roles[r] for r in ROLES if r in roles}, router=router, dense=not experts,
+        roles={r: roles[r] for r in ROLES if r in roles}, router=router, dense=not experts, inflate=inflate,
     )
 
 
@@ -273,6 +277,25 @@ def _params(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return str(n)
+
+
+def _inflate_row(keys: Dict[str, object]) -> str:
+    """`expert FFN 32 -> 5632 (random fill, seed 0) from SRC (N B, sha256 0123456789ab...)`."""
+    text = f"expert FFN {keys.get('source_expert_ff', '?')} -> {keys.get('expert_ff', '?')}"
+    how = [f"{keys['fill']} fill" if "fill" in keys else None, f"seed {keys['seed']}" if "seed" in keys else None]
+    how = [h for h in how if h]
+    if how:
+        text += f" ({', '.join(how)})"
+    if "source_name" in keys:
+        text += f" from {keys['source_name']}"
+        about = []
+        if isinstance(keys.get("source_bytes"), int):
+            about.append(f"{keys['source_bytes']:,} B")
+        if isinstance(keys.get("source_sha256"), str):
+            about.append(f"sha256 {keys['source_sha256'][:16]}...")
+        if about:
+            text += f" ({', '.join(about)})"
+    return text
 
 
 def format_report(r: ModelReport) -> str:
@@ -327,6 +350,8 @@ def format_report(r: ModelReport) -> str:
         kind = r.router.kind or "unknown kind"
         version = f" v{r.router.version}" if r.router.version is not None else ""
         rows.append(("router", f"{kind}{version}: {r.router.n_tensors} tensors, {_bytes(r.router.bytes)}"))
+    if r.inflate is not None:
+        rows.append(("inflated", _inflate_row(r.inflate)))
     rows.append(("types", ""))
     for role, info in r.roles.items():
         types = ", ".join(f"{t}" if n == 1 else f"{t} x{n}" for t, n in info.types.items())
