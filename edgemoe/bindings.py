@@ -30,6 +30,10 @@ EDGEMOE_POLICY_LRU = 1
 EDGEMOE_POLICY_LFU = 2
 EDGEMOE_POLICY_BELADY = 3
 
+# enum edgemoe_prefetch
+EDGEMOE_PREFETCH_OFF = 0
+EDGEMOE_PREFETCH_LOOKAHEAD = 1
+
 # enum edgemoe_io
 EDGEMOE_IO_DIRECT = 0
 EDGEMOE_IO_BUFFERED = 1
@@ -38,6 +42,7 @@ EDGEMOE_IO_MMAP = 2
 POLICIES = {"default": EDGEMOE_POLICY_DEFAULT, "lru": EDGEMOE_POLICY_LRU,
             "lfu": EDGEMOE_POLICY_LFU, "belady": EDGEMOE_POLICY_BELADY}
 IO_MODES = {"direct": EDGEMOE_IO_DIRECT, "buffered": EDGEMOE_IO_BUFFERED, "mmap": EDGEMOE_IO_MMAP}
+PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOOKAHEAD}
 
 
 # typedef struct edgemoe_options {
@@ -47,6 +52,9 @@ IO_MODES = {"direct": EDGEMOE_IO_DIRECT, "buffered": EDGEMOE_IO_BUFFERED, "mmap"
 #     int32_t io;              // enum edgemoe_io
 #     int32_t n_io_threads;    // 0: default (4)
 #     bool    quiet;           // no notices on stderr
+#     int32_t prefetch;        // enum edgemoe_prefetch
+#     int32_t lookahead;       // layers ahead the lookahead predictor prefetches, 1 to 8
+#     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: top-k
 # } edgemoe_options;
 class edgemoe_options(ctypes.Structure):
     _fields_ = [
@@ -56,6 +64,9 @@ class edgemoe_options(ctypes.Structure):
         ("io", ctypes.c_int32),
         ("n_io_threads", ctypes.c_int32),
         ("quiet", ctypes.c_bool),
+        ("prefetch", ctypes.c_int32),
+        ("lookahead", ctypes.c_int32),
+        ("prefetch_top", ctypes.c_int32),
     ]
 
 
@@ -67,7 +78,14 @@ class edgemoe_options(ctypes.Structure):
 #     uint64_t prefetch_issued;
 #     uint64_t bytes_read;
 #     double   read_ms;         // summed time of reads (all I/O threads)
-#     double   stall_ms;        // time compute waited for experts
+#     double   stall_ms;        // time compute waited for expert reads
+#     uint64_t prefetch_cancelled; // predicted loads dropped before their read began (part of wasted)
+#     uint64_t pred_predicted;  // experts the lookahead predictor named for a step of this layer
+#     uint64_t pred_correct;    // of those, the ones the step used (precision = correct / predicted)
+#     uint64_t pred_actual;     // distinct experts of the predicted steps (recall = correct / actual)
+#     uint64_t steps;           // remap steps: one per MoE layer, ubatch and wave
+#     double   book_ms;         // the cache's own work in those steps, waits and prediction excluded
+#     double   predict_ms;      // the lookahead predictor's work (charged to the layer it runs in)
 # } edgemoe_stats;
 class edgemoe_stats(ctypes.Structure):
     _fields_ = [
@@ -79,6 +97,13 @@ class edgemoe_stats(ctypes.Structure):
         ("bytes_read", ctypes.c_uint64),
         ("read_ms", ctypes.c_double),
         ("stall_ms", ctypes.c_double),
+        ("prefetch_cancelled", ctypes.c_uint64),
+        ("pred_predicted", ctypes.c_uint64),
+        ("pred_correct", ctypes.c_uint64),
+        ("pred_actual", ctypes.c_uint64),
+        ("steps", ctypes.c_uint64),
+        ("book_ms", ctypes.c_double),
+        ("predict_ms", ctypes.c_double),
     ]
 
 
@@ -117,6 +142,7 @@ class edgemoe_model_info(ctypes.Structure):
 #     int32_t n_pools;
 #     int32_t policy;           // the policy in use
 #     int32_t io;               // the backing store in use (after a fallback)
+#     int32_t prefetch;         // enum edgemoe_prefetch in use
 # } edgemoe_cache_info;
 class edgemoe_cache_info(ctypes.Structure):
     _fields_ = [
@@ -125,6 +151,7 @@ class edgemoe_cache_info(ctypes.Structure):
         ("n_pools", ctypes.c_int32),
         ("policy", ctypes.c_int32),
         ("io", ctypes.c_int32),
+        ("prefetch", ctypes.c_int32),
     ]
 
 

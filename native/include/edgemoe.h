@@ -46,6 +46,11 @@ enum edgemoe_policy {
     EDGEMOE_POLICY_BELADY  = 3, // needs future routes (edgemoe_cache_set_routes); else behaves as DEFAULT
 };
 
+enum edgemoe_prefetch {
+    EDGEMOE_PREFETCH_OFF       = 0, // experts load when the graph reaches them
+    EDGEMOE_PREFETCH_LOOKAHEAD = 1, // layer l+d's router on layer l's input predicts and prefetches its experts
+};
+
 enum edgemoe_io {
     EDGEMOE_IO_DIRECT   = 0, // O_DIRECT pread into aligned buffers; falls back to BUFFERED with a notice
     EDGEMOE_IO_BUFFERED = 1, // pread through the page cache
@@ -59,6 +64,9 @@ typedef struct edgemoe_options {
     int32_t io;              // enum edgemoe_io
     int32_t n_io_threads;    // 0: default (4)
     bool    quiet;           // no notices on stderr
+    int32_t prefetch;        // enum edgemoe_prefetch
+    int32_t lookahead;       // layers ahead the lookahead predictor prefetches, 1 to 8
+    int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: top-k
 } edgemoe_options;
 
 typedef struct edgemoe_stats {
@@ -69,7 +77,14 @@ typedef struct edgemoe_stats {
     uint64_t prefetch_issued;
     uint64_t bytes_read;
     double   read_ms;         // summed time of reads (all I/O threads)
-    double   stall_ms;        // time compute waited for experts
+    double   stall_ms;        // time compute waited for expert reads
+    uint64_t prefetch_cancelled; // predicted loads dropped before their read began (part of wasted)
+    uint64_t pred_predicted;  // experts the lookahead predictor named for a step of this layer
+    uint64_t pred_correct;    // of those, the ones the step used (precision = correct / predicted)
+    uint64_t pred_actual;     // distinct experts of the predicted steps (recall = correct / actual)
+    uint64_t steps;           // remap steps: one per MoE layer, ubatch and wave
+    double   book_ms;         // the cache's own work in those steps, waits and prediction excluded
+    double   predict_ms;      // the lookahead predictor's work (charged to the layer it runs in)
 } edgemoe_stats;
 
 typedef struct edgemoe_model_info {
@@ -92,6 +107,7 @@ typedef struct edgemoe_cache_info {
     int32_t n_pools;
     int32_t policy;           // the policy in use
     int32_t io;               // the backing store in use (after a fallback)
+    int32_t prefetch;         // enum edgemoe_prefetch in use
 } edgemoe_cache_info;
 
 EDGEMOE_API const char * edgemoe_last_error(void);

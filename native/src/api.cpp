@@ -84,11 +84,15 @@ void op_route(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 void op_remap(ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) nth;
+    wave_ctx * w = static_cast<wave_ctx *>(userdata);
     if (ith != 0) {
+        // a remap may wait milliseconds for the disk: sleep through it rather than spin at the
+        // barrier that follows
+        w->cache->remap_wait(*w, ith);
         return;
     }
-    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
     w->cache->op_remap(dst, *w);
+    w->cache->remap_done(*w);
 }
 
 void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -116,6 +120,9 @@ edgemoe_options edgemoe_default_options(void) {
     o.io              = EDGEMOE_IO_DIRECT;
     o.n_io_threads    = 0;
     o.quiet           = false;
+    o.prefetch        = EDGEMOE_PREFETCH_OFF;
+    o.lookahead       = 1;
+    o.prefetch_top    = 0;
     return o;
 }
 
@@ -166,6 +173,19 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             case EDGEMOE_POLICY_BELADY:  co.policy = policy_kind::belady;    break;
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown policy " + std::to_string(o.policy));
         }
+        switch (o.prefetch) {
+            case EDGEMOE_PREFETCH_OFF:       co.prefetch = prefetch_kind::off;       break;
+            case EDGEMOE_PREFETCH_LOOKAHEAD: co.prefetch = prefetch_kind::lookahead; break;
+            default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown prefetch mode " + std::to_string(o.prefetch));
+        }
+        if (o.lookahead < 1 || o.lookahead > 8) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "lookahead must be 1 to 8 layers, got " + std::to_string(o.lookahead));
+        }
+        co.lookahead = o.lookahead;
+        if (o.prefetch_top < 0) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "prefetch_top must be 0 (top-k) or more, got " + std::to_string(o.prefetch_top));
+        }
+        co.prefetch_top = o.prefetch_top;
         switch (o.io) {
             case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
             case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
@@ -238,6 +258,7 @@ int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out
         out->n_pools      = cache->impl->n_pools();
         out->policy       = (int32_t) cache->impl->policy();
         out->io           = (int32_t) cache->impl->io();
+        out->prefetch     = (int32_t) cache->impl->prefetch_mode();
         return (int) EDGEMOE_OK;
     });
 }
@@ -288,6 +309,13 @@ int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stat
         out->bytes_read      = s.bytes_read;
         out->read_ms         = s.read_ms;
         out->stall_ms        = s.stall_ms;
+        out->prefetch_cancelled = s.prefetch_cancelled;
+        out->pred_predicted  = s.pred_predicted;
+        out->pred_correct    = s.pred_correct;
+        out->pred_actual     = s.pred_actual;
+        out->steps           = s.steps;
+        out->book_ms         = s.book_ms;
+        out->predict_ms      = s.predict_ms;
         return (int) EDGEMOE_OK;
     });
 }

@@ -16,6 +16,11 @@ namespace edgemoe {
 
 namespace {
 
+// the predictor runs for ubatches of at most this many tokens (decode steps, a few sequences)
+constexpr int64_t MAX_PREDICT_ROWS = 8;
+// how long the other compute threads spin for a remap before they sleep
+constexpr int REMAP_SPIN_US = 100;
+
 double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -48,8 +53,15 @@ void layer_stats::add(const layer_stats & o) {
     prefetch_wasted += o.prefetch_wasted;
     prefetch_issued += o.prefetch_issued;
     bytes_read += o.bytes_read;
+    prefetch_cancelled += o.prefetch_cancelled;
+    pred_predicted += o.pred_predicted;
+    pred_correct += o.pred_correct;
+    pred_actual += o.pred_actual;
+    steps += o.steps;
     read_ms += o.read_ms;
     stall_ms += o.stall_ms;
+    book_ms += o.book_ms;
+    predict_ms += o.predict_ms;
 }
 
 std::unique_ptr<expert_cache> expert_cache::create(const std::string & path, const cache_options & opts, std::string * err, int * status) {
@@ -226,7 +238,27 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     stats_.assign(layer_block_.size(), layer_stats());
 
     jobs_.resize((size_t) n_slots_total());
+    prefetch_jobs_.reserve((size_t) n_slots_total());
 
+    if (opts.prefetch == prefetch_kind::lookahead) {
+        predictor_.reset(new lookahead_predictor());
+        if (!predictor_->load(layout_, std::max(1, opts.lookahead), opts.prefetch_top, err)) {
+            *status = EDGEMOE_ERR_INVALID_ARG;
+            *err = "lookahead prefetch: " + *err;
+            return false;
+        }
+        // enough queued for every block it looks ahead to, not a backlog that outlives its use
+        max_predicted_queued_ = (size_t) std::max(8, 2*k*std::max(1, opts.lookahead));
+        predicted_scratch_.reserve((size_t) layout_.n_expert);
+        for (auto & bl : blocks_) {
+            bl.predicted.reserve((size_t) layout_.n_expert);
+        }
+    }
+
+    // a slow disk on demand, for tests and for what-if measurements (docs/cache.md)
+    if (const char * d = getenv("EDGEMOE_READ_DELAY_MS")) {
+        read_delay_us_ = (int64_t) (atof(d)*1000.0);
+    }
     const int n_threads = opts.n_io_threads > 0 ? opts.n_io_threads : 4;
     for (int i = 0; i < n_threads; ++i) {
         threads_.emplace_back([this] { io_worker(); });
@@ -379,11 +411,28 @@ void expert_cache::evict(pool & p, int32_t s) {
         stats_[blocks_[b].layer].prefetch_wasted++;
     }
     p.pol->on_evict(s);
-    sl = slot();
+    empty_slot(p, s);
+}
+
+void expert_cache::empty_slot(pool & p, int32_t s) {
+    const uint32_t gen = p.slots[s].gen + 1;
+    p.slots[s] = slot();
+    p.slots[s].gen = gen;
+}
+
+bool expert_cache::unqueue_prefetch(int32_t pool_index, int32_t s) {
+    for (size_t i = 0; i < prefetch_jobs_.size(); ++i) {
+        if (prefetch_jobs_[i].pool == pool_index && prefetch_jobs_[i].slot == s) {
+            prefetch_jobs_.erase(prefetch_jobs_.begin() + (std::ptrdiff_t) i);
+            return true;
+        }
+    }
+    return false;
 }
 
 int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
     p.candidates.clear();
+    int32_t n_prefetched = 0;
     for (int32_t s = 0; s < p.n_slots; ++s) {
         const slot & sl = p.slots[s];
         if (sl.state == SLOT_EMPTY) {
@@ -391,10 +440,20 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
         }
         if (sl.state == SLOT_READY && sl.pin < now) {
             // a prefetch never displaces another prefetch that is still unused
-            if (for_prefetch && sl.prefetched) {
+            if (sl.prefetched) {
+                n_prefetched++;
                 continue;
             }
             p.candidates.push_back(s);
+        }
+    }
+    if (p.candidates.empty() && !for_prefetch && n_prefetched > 0) {
+        // an expert loaded because it is expected soon is a poor victim: only when nothing else is left
+        for (int32_t s = 0; s < p.n_slots; ++s) {
+            const slot & sl = p.slots[s];
+            if (sl.state == SLOT_READY && sl.pin < now && sl.prefetched) {
+                p.candidates.push_back(s);
+            }
         }
     }
     if (p.candidates.empty()) {
@@ -418,6 +477,7 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
 
 void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     const ggml_tensor * ids = dst->src[0];
+    const ggml_tensor * hidden = dst->src[1]; // the block's input: the predictor reads it
     const int64_t k = ids->ne[0];
     const int64_t n_tokens = ids->ne[1];
     const int64_t n_pairs = k*n_tokens;
@@ -425,6 +485,8 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     int32_t * out = (int32_t *) dst->data;
 
     const auto t0 = std::chrono::steady_clock::now();
+    double waited_ms = 0.0;
+    double predict_ms = 0.0;
     std::unique_lock<std::mutex> lock(mu_);
     block & bl = blocks_[w.block];
     pool & p = pools_[bl.pool];
@@ -454,6 +516,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         if ((int64_t) bl.distinct.size() > (int64_t) p.n_slots*w.count) {
             fatal("internal: more distinct experts than the waves can hold");
         }
+        judge_predictions(w.block);
         if (w.count > 1) {
             // a split ubatch takes its resident experts first, so that one wave does not
             // evict what a later wave finds resident; the mask op reads the pairs' waves
@@ -494,23 +557,33 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             p.slots[s].pin = now;
         }
     }
+    auto use_resident = [&](int32_t s, int32_t uses) {
+        slot & sl = p.slots[s];
+        sl.pin = now;
+        if (sl.state == SLOT_LOADING) {
+            st.misses += 1; // still in flight: this use waits for it
+            st.hits   += uses - 1;
+            if (!sl.io_started && unqueue_prefetch(bl.pool, s)) {
+                // a prefetch not begun yet: it is a demand load now, ahead of every prefetch
+                push_job(io_job{ bl.pool, s, w.block, key_expert(sl.key), sl.gen }, true);
+                n_queued++;
+            }
+        } else {
+            st.hits += uses;
+        }
+        if (sl.prefetched) {
+            st.prefetch_hits++;
+            sl.prefetched = false;
+            sl.predicted = false;
+        }
+        p.pol->on_use(s, sl.key, now, (uint32_t) uses);
+    };
     for (int64_t i = first; i < last; ++i) {
         const int32_t e = bl.distinct[i];
         const int32_t uses = bl.uses[i];
         int32_t s = bl.slot_of[e];
         if (s >= 0) {
-            slot & sl = p.slots[s];
-            if (sl.state == SLOT_LOADING) {
-                st.misses += 1; // still in flight: this use waits for it
-                st.hits   += uses - 1;
-            } else {
-                st.hits += uses;
-            }
-            if (sl.prefetched) {
-                st.prefetch_hits++;
-                sl.prefetched = false;
-            }
-            p.pol->on_use(s, sl.key, now, (uint32_t) uses);
+            use_resident(s, uses);
             continue;
         }
         while ((s = acquire_slot(p, now, false)) < 0) {
@@ -525,21 +598,17 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             if (!loading) {
                 fatal("internal: no evictable slot in layer " + std::to_string(bl.layer));
             }
+            if (n_queued > 0) {
+                cv_jobs_.notify_all();
+            }
+            const auto tw = std::chrono::steady_clock::now();
             cv_done_.wait(lock);
+            waited_ms += ms_since(tw);
         }
         if (bl.slot_of[e] >= 0) {
             // a concurrent prefetch claimed it while we waited: give the slot back
-            p.slots[s] = slot();
-            s = bl.slot_of[e];
-            slot & sl = p.slots[s];
-            sl.pin = now;
-            st.misses += 1;
-            st.hits   += uses - 1;
-            if (sl.prefetched) {
-                st.prefetch_hits++;
-                sl.prefetched = false;
-            }
-            p.pol->on_use(s, sl.key, now, (uint32_t) uses);
+            empty_slot(p, s);
+            use_resident(bl.slot_of[e], uses);
             continue;
         }
         slot & sl = p.slots[s];
@@ -551,8 +620,15 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         p.pol->on_use(s, sl.key, now, (uint32_t) uses);
         st.misses += 1;
         st.hits   += uses - 1;
-        push_job(io_job{ bl.pool, s, w.block, e }, true);
+        push_job(io_job{ bl.pool, s, w.block, e, sl.gen }, true);
         n_queued++;
+    }
+
+    // while this block's loads run and its matmuls compute, later blocks' predicted experts load
+    if (predictor_ && w.count == 1) {
+        const auto tp = std::chrono::steady_clock::now();
+        n_queued += predict_ahead(w.block, hidden, now);
+        predict_ms = ms_since(tp);
     }
     if (n_queued > 0) {
         cv_jobs_.notify_all();
@@ -561,7 +637,11 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     // wait for this wave's loads, queued here or by a prefetch
     for (int64_t i = first; i < last; ++i) {
         const int32_t s = bl.slot_of[bl.distinct[i]];
-        cv_done_.wait(lock, [&] { return p.slots[s].state == SLOT_READY || p.slots[s].failed; });
+        if (p.slots[s].state != SLOT_READY && !p.slots[s].failed) {
+            const auto tw = std::chrono::steady_clock::now();
+            cv_done_.wait(lock, [&] { return p.slots[s].state == SLOT_READY || p.slots[s].failed; });
+            waited_ms += ms_since(tw);
+        }
         if (p.slots[s].failed) {
             fatal(io_error_);
         }
@@ -585,7 +665,135 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         const int32_t r = bl.expert_rank[sel[i]];
         out[i] = (r >= first && r < last) ? bl.slot_of[sel[i]] : any;
     }
-    st.stall_ms += ms_since(t0);
+    const double total_ms = ms_since(t0);
+    st.steps++;
+    st.stall_ms   += waited_ms;
+    st.predict_ms += predict_ms;
+    st.book_ms    += std::max(0.0, total_ms - waited_ms - predict_ms);
+}
+
+void expert_cache::judge_predictions(int32_t b) {
+    block & bl = blocks_[b];
+    layer_stats & st = stats_[bl.layer];
+    if (bl.predicted_valid) {
+        // the step's distinct experts have expert_rank >= 0 here
+        uint64_t correct = 0;
+        for (int32_t e : bl.predicted) {
+            correct += bl.expert_rank[e] >= 0 ? 1 : 0;
+        }
+        st.pred_predicted += bl.predicted.size();
+        st.pred_correct   += correct;
+        st.pred_actual    += bl.distinct.size();
+        bl.predicted_valid = false;
+    }
+    if (!predictor_) {
+        return;
+    }
+    // predicted loads of this block that its step does not use: drop those not begun, and let
+    // the rest be ordinary cached experts
+    pool & p = pools_[bl.pool];
+    for (int32_t s = 0; s < p.n_slots; ++s) {
+        slot & sl = p.slots[s];
+        if (!sl.predicted || !sl.prefetched || key_block(sl.key) != b || bl.expert_rank[key_expert(sl.key)] >= 0) {
+            continue;
+        }
+        st.prefetch_wasted++;
+        if (sl.state == SLOT_LOADING && !sl.io_started && unqueue_prefetch(bl.pool, s)) {
+            st.prefetch_cancelled++;
+            bl.slot_of[key_expert(sl.key)] = -1;
+            p.pol->on_evict(s);
+            empty_slot(p, s);
+        } else {
+            sl.prefetched = false;
+            sl.predicted = false;
+        }
+    }
+}
+
+int32_t expert_cache::predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now) {
+    const int64_t n_rows = hidden ? hidden->ne[1] : 0;
+    if (!hidden || hidden->type != GGML_TYPE_F32 || hidden->ne[0] != predictor_->n_embd() ||
+        n_rows <= 0 || n_rows > MAX_PREDICT_ROWS) {
+        return 0; // a prefill's next layer needs most experts anyway: its remap loads them
+    }
+    const int32_t n_blocks = (int32_t) blocks_.size();
+    const int32_t depth = predictor_->depth();
+    // predict every block ahead first and keep their resident experts, so that loads for one
+    // block do not evict what another is predicted to use
+    for (int32_t d = 1; d <= depth && b + d < n_blocks; ++d) {
+        block & tb = blocks_[b + d];
+        if (!predictor_->can_predict(b, d)) {
+            continue;
+        }
+        tb.predicted.clear();
+        predictor_->predict(b, d, (const float *) hidden->data, n_rows, hidden->nb[1], tb.predicted);
+        tb.predicted_valid = true;
+        pool & p = pools_[tb.pool];
+        for (int32_t e : tb.predicted) {
+            const int32_t s = tb.slot_of[e];
+            if (s >= 0) {
+                p.slots[s].pin = std::max(p.slots[s].pin, now);
+            }
+        }
+    }
+    int32_t n_queued = 0;
+    for (int32_t d = 1; d <= depth && b + d < n_blocks; ++d) {
+        const int32_t t = b + d;
+        block & tb = blocks_[t];
+        if (!predictor_->can_predict(b, d)) {
+            continue;
+        }
+        pool & p = pools_[tb.pool];
+        for (int32_t e : tb.predicted) {
+            if (tb.slot_of[e] >= 0) {
+                continue;
+            }
+            if (prefetch_jobs_.size() >= max_predicted_queued_) {
+                return n_queued; // the disk is behind: more guesses would only delay the next ones
+            }
+            const int32_t s = acquire_slot(p, now, true);
+            if (s < 0) {
+                break;
+            }
+            slot & sl = p.slots[s];
+            sl.key = make_key(t, e);
+            sl.state = SLOT_LOADING;
+            sl.prefetched = true;
+            sl.predicted = true;
+            tb.slot_of[e] = s;
+            p.pol->on_fill(s, sl.key, now);
+            stats_[tb.layer].prefetch_issued++;
+            prefetch_jobs_.push_back(io_job{ tb.pool, s, t, e, sl.gen });
+            n_queued++;
+        }
+    }
+    return n_queued;
+}
+
+void expert_cache::remap_wait(wave_ctx & w, int ith) {
+    if (ith <= 0 || ith >= (int) (sizeof(w.calls)/sizeof(w.calls[0]))) {
+        return; // thread 0 does the remap; threads past the table go on to ggml's barrier
+    }
+    // thread ith enters each remap once, as thread 0 does: its count says which one this is
+    const uint64_t n = ++w.calls[ith];
+    // a hit-only remap takes microseconds: spin that long, then sleep
+    const auto t0 = std::chrono::steady_clock::now();
+    while (w.done.load(std::memory_order_acquire) < n) {
+        if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(REMAP_SPIN_US)) {
+            std::unique_lock<std::mutex> lock(wait_mu_);
+            wait_cv_.wait(lock, [&] { return w.done.load(std::memory_order_acquire) >= n; });
+            return;
+        }
+        std::this_thread::yield();
+    }
+}
+
+void expert_cache::remap_done(wave_ctx & w) {
+    {
+        std::lock_guard<std::mutex> lock(wait_mu_);
+        w.done.fetch_add(1, std::memory_order_release);
+    }
+    wait_cv_.notify_all();
 }
 
 void expert_cache::op_mask(ggml_tensor * dst, const wave_ctx & w) {
@@ -625,13 +833,24 @@ void expert_cache::io_worker() {
         io_job job;
         {
             std::unique_lock<std::mutex> lock(mu_);
-            cv_jobs_.wait(lock, [&] { return stop_ || jobs_count_ > 0; });
+            cv_jobs_.wait(lock, [&] { return stop_ || jobs_count_ > 0 || !prefetch_jobs_.empty(); });
             if (stop_) {
                 break;
             }
-            job = jobs_[jobs_head_];
-            jobs_head_ = (jobs_head_ + 1) % jobs_.size();
-            jobs_count_--;
+            // demand loads first: compute waits for them
+            if (jobs_count_ > 0) {
+                job = jobs_[jobs_head_];
+                jobs_head_ = (jobs_head_ + 1) % jobs_.size();
+                jobs_count_--;
+            } else {
+                job = prefetch_jobs_.front();
+                prefetch_jobs_.erase(prefetch_jobs_.begin());
+            }
+            slot & sl = pools_[job.pool].slots[job.slot];
+            if (sl.gen != job.gen || sl.state != SLOT_LOADING || sl.io_started) {
+                continue; // cancelled, or promoted to a demand load that another thread reads
+            }
+            sl.io_started = true;
         }
         load(job, bounce, bounce ? bounce_size : 0);
     }
@@ -645,6 +864,9 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
     uint64_t bytes = 0;
     std::string err;
     bool ok = true;
+    if (read_delay_us_ > 0) {
+        std::this_thread::sleep_for(std::chrono::microseconds(read_delay_us_));
+    }
     for (int r = 0; r < ROLE_COUNT && ok; ++r) {
         const role_tensor & rt = mb.roles[r];
         if (!rt.present) {
@@ -660,6 +882,7 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
         slot & sl = p.slots[job.slot];
         layer_stats & st = stats_[mb.layer];
         st.read_ms += ms;
+        sl.io_started = false;
         if (ok) {
             st.bytes_read += bytes;
             sl.state = SLOT_READY;
@@ -667,7 +890,7 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
             // nobody waits for a hint: give the slot back, a later use loads it on demand
             blocks_[job.block].slot_of[job.expert] = -1;
             p.pol->on_evict(job.slot);
-            sl = slot();
+            empty_slot(p, job.slot);
             if (!opts_.quiet) {
                 fprintf(stderr, "edgemoe: prefetch failed: %s\n", err.c_str());
             }
@@ -710,7 +933,7 @@ int expert_cache::prefetch(int32_t layer, const int32_t * experts, int32_t n, st
         bl.slot_of[e] = s;
         p.pol->on_fill(s, sl.key, step_);
         stats_[bl.layer].prefetch_issued++;
-        push_job(io_job{ bl.pool, s, b, e }, false);
+        prefetch_jobs_.push_back(io_job{ bl.pool, s, b, e, sl.gen });
         n_queued++;
     }
     if (n_queued > 0) {

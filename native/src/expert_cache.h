@@ -6,11 +6,13 @@
 #include "backing_store.h"
 #include "model_layout.h"
 #include "policy.h"
+#include "predictor.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
 
 #include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -23,6 +25,8 @@
 
 namespace edgemoe {
 
+enum class prefetch_kind { off = 0, lookahead = 1 };
+
 struct cache_options {
     uint64_t    budget_bytes    = 0;   // > 0 wins over budget_fraction
     double      budget_fraction = 1.0;
@@ -30,11 +34,17 @@ struct cache_options {
     io_kind     io              = io_kind::direct;
     int         n_io_threads    = 4;
     bool        quiet           = false;
+    prefetch_kind prefetch      = prefetch_kind::off;
+    int         lookahead       = 1;   // blocks ahead the predictor prefetches
+    int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: top-k)
 };
 
 struct layer_stats {
     uint64_t hits = 0, misses = 0, prefetch_hits = 0, prefetch_wasted = 0, prefetch_issued = 0, bytes_read = 0;
-    double   read_ms = 0.0, stall_ms = 0.0;
+    uint64_t prefetch_cancelled = 0;   // predicted loads dropped before their read began
+    uint64_t pred_predicted = 0, pred_correct = 0, pred_actual = 0; // predictor vs the actual routes
+    uint64_t steps = 0;                // remap steps (one per ubatch and wave)
+    double   read_ms = 0.0, stall_ms = 0.0, book_ms = 0.0, predict_ms = 0.0;
 
     void add(const layer_stats & o);
 };
@@ -48,6 +58,11 @@ struct wave_ctx {
     int32_t block;
     int32_t index;
     int32_t count;
+    // the hand-off between the compute thread that runs a remap and the others, which sleep
+    // meanwhile instead of spinning at ggml's barrier: done counts finished remaps, calls[i]
+    // the remaps compute thread i has entered
+    std::atomic<uint64_t> done{0};
+    uint64_t calls[64] = {};
 };
 
 class expert_cache {
@@ -74,6 +89,10 @@ public:
     void op_route(ggml_tensor * dst, const wave_ctx & r);
     void op_remap(ggml_tensor * dst, const wave_ctx & w);
     void op_mask(ggml_tensor * dst, const wave_ctx & w);
+    // the remap's other compute threads: sleep until thread 0 has done the remap
+    void remap_wait(wave_ctx & w, int ith);
+    void remap_done(wave_ctx & w);
+    prefetch_kind prefetch_mode() const { return predictor_ ? prefetch_kind::lookahead : prefetch_kind::off; }
 
     int  prefetch(int32_t layer, const int32_t * experts, int32_t n, std::string * err);
     int  set_routes(int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k, std::string * err);
@@ -90,7 +109,10 @@ private:
         slot_state state = SLOT_EMPTY;
         uint64_t   pin   = 0;     // step that pinned it; evictable when below the current step
         bool       prefetched = false; // filled by a prefetch and not used yet
+        bool       predicted  = false; // that prefetch came from the predictor: judged at its block's step
+        bool       io_started = false; // an I/O thread is reading it
         bool       failed = false;
+        uint32_t   gen = 0;       // bumped whenever the slot is emptied: queued jobs of older contents are stale
     };
 
     struct pool {
@@ -120,6 +142,9 @@ private:
         std::vector<int32_t> uses_sorted;        // scratch
         std::deque<int32_t> routes;              // external routes, k per token
         int32_t routes_k = 0;
+        // what the predictor expects this block's next step to use (set by earlier blocks)
+        std::vector<int32_t> predicted;
+        bool predicted_valid = false;
     };
 
     struct io_job {
@@ -127,6 +152,7 @@ private:
         int32_t slot;
         int32_t block;
         int32_t expert;
+        uint32_t gen;
     };
 
     expert_cache() = default;
@@ -134,6 +160,10 @@ private:
     bool init(const std::string & path, const cache_options & opts, std::string * err, int * status);
     int32_t acquire_slot(pool & p, uint64_t now, bool for_prefetch); // under mu_
     void    evict(pool & p, int32_t s);                            // under mu_
+    void    empty_slot(pool & p, int32_t s);                       // under mu_: to EMPTY, a new generation
+    bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_
+    void    judge_predictions(int32_t b);                          // under mu_, at block b's step
+    int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
     void    io_worker();
     void    load(const io_job & job, void * bounce, size_t bounce_size);
     int64_t next_use(expert_key key) const;                        // under mu_
@@ -160,10 +190,20 @@ private:
     std::vector<io_job>     jobs_;
     size_t jobs_head_ = 0, jobs_count_ = 0;
     void push_job(const io_job & j, bool urgent); // under mu_
+    // prefetch loads wait here until no demand load is queued; at most one entry per slot
+    std::vector<io_job>     prefetch_jobs_;
+    size_t max_predicted_queued_ = 0;   // the predictor's share of that queue (throttle)
+
+    std::unique_ptr<lookahead_predictor> predictor_;
+    std::vector<int32_t> predicted_scratch_;
+
+    std::mutex              wait_mu_;   // remap_wait's sleep
+    std::condition_variable wait_cv_;
     std::vector<std::thread> threads_;
     bool stop_ = false;
     std::string io_error_;
 
+    int64_t  read_delay_us_ = 0; // EDGEMOE_READ_DELAY_MS: added to every expert read
     uint64_t step_ = 1; // advances per remap; pins and policy clocks use it
     int32_t  cur_block_ = 0; // block of the step in progress (Belady's distances start there)
     std::vector<layer_stats> stats_; // per layer

@@ -78,6 +78,24 @@ static bool parse_block_name(const char * name, int * layer, int * role) {
     return false;
 }
 
+// blk.<il>.{ffn_gate_inp.weight, ffn_norm.weight, exp_probs_b.bias}: 0, 1, 2
+static bool parse_aux_name(const char * name, int * layer, int * which) {
+    int il = -1;
+    int n  = 0;
+    if (sscanf(name, "blk.%d.%n", &il, &n) != 1 || n == 0) {
+        return false;
+    }
+    static const char * table[] = { "ffn_gate_inp.weight", "ffn_norm.weight", "exp_probs_b.bias" };
+    for (int i = 0; i < 3; ++i) {
+        if (strcmp(name + n, table[i]) == 0) {
+            *layer = il;
+            *which = i;
+            return true;
+        }
+    }
+    return false;
+}
+
 static int64_t get_u32_key(const gguf_context * g, const std::string & key) {
     const int64_t id = gguf_find_key(g, key.c_str());
     if (id < 0) {
@@ -143,6 +161,7 @@ bool read_model_layout(const std::string & path, model_layout & out, std::string
     const int64_t n_expert_used = get_u32_key(g, out.arch + ".expert_used_count");
 
     std::map<int, moe_block> blocks;
+    std::map<int, std::array<aux_tensor, 3>> aux; // per layer: gate_inp, ffn_norm, probs_bias
     uint64_t data_end = out.data_offset;
     const int64_t n_tensors = gguf_get_n_tensors(g);
     for (int64_t i = 0; i < n_tensors && ok; ++i) {
@@ -155,6 +174,16 @@ bool read_model_layout(const std::string & path, model_layout & out, std::string
         int il = -1, role = -1;
         if (!t || !parse_block_name(name, &il, &role) || ggml_n_dims(t) != 3) {
             out.non_expert_bytes += nbytes;
+            int which = -1;
+            if (t && parse_aux_name(name, &il, &which) && il >= 0 && il < (1 << 20)) {
+                aux_tensor & a = aux[il][which];
+                a.present     = true;
+                a.type        = t->type;
+                a.ne0         = t->ne[0];
+                a.ne1         = t->ne[1];
+                a.nbytes      = nbytes;
+                a.file_offset = offs;
+            }
             continue;
         }
         if (il < 0 || (out.n_layer > 0 && il >= out.n_layer) || il > (1 << 20)) {
@@ -202,6 +231,12 @@ bool read_model_layout(const std::string & path, model_layout & out, std::string
             }
             b.pool = it->second;
             out.pools[b.pool].n_blocks++;
+            const auto a = aux.find(b.layer);
+            if (a != aux.end()) {
+                b.gate_inp   = a->second[0];
+                b.ffn_norm   = a->second[1];
+                b.probs_bias = a->second[2];
+            }
             out.blocks.push_back(b);
         }
     }

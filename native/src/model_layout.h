@@ -24,11 +24,23 @@ struct role_tensor {
     std::string name;
 };
 
+// a small per-layer tensor the lookahead predictor reads (router, norm, selection bias)
+struct aux_tensor {
+    bool      present = false;
+    ggml_type type    = GGML_TYPE_F32;
+    int64_t   ne0 = 0, ne1 = 0;
+    uint64_t  nbytes = 0;
+    uint64_t  file_offset = 0;
+};
+
 // one build_moe_ffn call: a layer's routed experts
 struct moe_block {
     int32_t layer = -1;
     int32_t pool  = -1;             // index into model_layout::pools
     std::array<role_tensor, ROLE_COUNT> roles;
+    aux_tensor gate_inp;            // blk.N.ffn_gate_inp.weight: the router, [n_embd, n_expert]
+    aux_tensor ffn_norm;            // blk.N.ffn_norm.weight: the norm before the MoE, [n_embd]
+    aux_tensor probs_bias;          // blk.N.exp_probs_b.bias: selection bias (sigmoid routers)
 
     uint64_t expert_bytes() const;  // all roles of one expert
     std::string signature() const;  // equal for blocks that can share a slot pool
