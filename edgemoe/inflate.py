@@ -188,9 +188,12 @@ def _check_width(p: _Plan, n_ff: int) -> None:
 
 def _source_id(src: str) -> Tuple[str, int, str]:
     h = hashlib.sha256()
-    with open(src, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    try:
+        with open(src, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError as e:
+        raise ConvertError(f"cannot read {src}: {e.strerror or e}") from None
     return os.path.basename(src), os.path.getsize(src), h.hexdigest()
 
 
@@ -320,7 +323,10 @@ def _header_bytes(p: _Plan, kv: list, align: int, out: str) -> int:
     on N (fixed-width integers), so one dry run of the header writer measures them."""
     from edgemoe.files import discard, temp_beside
 
-    fd, path = temp_beside(out)
+    try:
+        fd, path = temp_beside(out)
+    except OSError as e:  # the first file made beside OUT: an unwritable directory shows here
+        raise ConvertError(f"cannot write beside {out}: {e.strerror or e}") from None
     os.close(fd)
     try:
         w = gguf.GGUFWriter(path, p.arch)
