@@ -65,7 +65,7 @@ typedef struct edgemoe_options {
     int32_t n_io_threads;    // 0: default (4)
     bool    quiet;           // no notices on stderr
     int32_t prefetch;        // enum edgemoe_prefetch
-    int32_t lookahead;       // layers ahead the lookahead predictor prefetches, 1 to 8
+    int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: top-k
 } edgemoe_options;
 

@@ -178,8 +178,8 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             case EDGEMOE_PREFETCH_LOOKAHEAD: co.prefetch = prefetch_kind::lookahead; break;
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown prefetch mode " + std::to_string(o.prefetch));
         }
-        if (o.lookahead < 1 || o.lookahead > 8) {
-            return fail(EDGEMOE_ERR_INVALID_ARG, "lookahead must be 1 to 8 layers, got " + std::to_string(o.lookahead));
+        if (o.lookahead < 0 || o.lookahead > 8) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "lookahead must be 0 to 8 layers, got " + std::to_string(o.lookahead));
         }
         co.lookahead = o.lookahead;
         if (o.prefetch_top < 0) {

@@ -17,9 +17,19 @@ namespace edgemoe {
 namespace {
 
 // the predictor runs for ubatches of at most this many tokens (decode steps, a few sequences)
-constexpr int64_t MAX_PREDICT_ROWS = 8;
+constexpr int64_t MAX_PREDICT_ROWS = lookahead_predictor::MAX_ROWS;
 // how long the other compute threads spin for a remap before they sleep
 constexpr int REMAP_SPIN_US = 100;
+// blocks ahead whose predicted experts eviction spares
+constexpr int PROTECT_DEPTH = 8;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -242,7 +252,8 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
 
     if (opts.prefetch == prefetch_kind::lookahead) {
         predictor_.reset(new lookahead_predictor());
-        if (!predictor_->load(layout_, std::max(1, opts.lookahead), opts.prefetch_top, err)) {
+        // predictions reach PROTECT_DEPTH blocks ahead for eviction, `lookahead` of them load
+        if (!predictor_->load(layout_, std::max(opts.lookahead, PROTECT_DEPTH), err)) {
             *status = EDGEMOE_ERR_INVALID_ARG;
             *err = "lookahead prefetch: " + *err;
             return false;
@@ -431,23 +442,43 @@ bool expert_cache::unqueue_prefetch(int32_t pool_index, int32_t s) {
 }
 
 int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
+    // victims by tier: ordinary slots by the policy; then slots the predictor expects a later
+    // layer of this token to use, the one expected last first (Belady over what is known);
+    // then, for a demand load only, prefetches not used yet. A prefetch takes ordinary slots only.
     p.candidates.clear();
-    int32_t n_prefetched = 0;
+    int32_t n_wanted = 0, n_prefetched = 0;
     for (int32_t s = 0; s < p.n_slots; ++s) {
         const slot & sl = p.slots[s];
         if (sl.state == SLOT_EMPTY) {
             return s;
         }
-        if (sl.state == SLOT_READY && sl.pin < now) {
-            // a prefetch never displaces another prefetch that is still unused
-            if (sl.prefetched) {
-                n_prefetched++;
-                continue;
-            }
+        if (sl.state != SLOT_READY || sl.pin >= now) {
+            continue;
+        }
+        if (sl.prefetched) {
+            n_prefetched++;
+        } else if (sl.want > now) {
+            n_wanted++;
+        } else {
             p.candidates.push_back(s);
         }
     }
-    if (p.candidates.empty() && !for_prefetch && n_prefetched > 0) {
+    if (p.candidates.empty() && for_prefetch) {
+        return -1;
+    }
+    if (p.candidates.empty() && n_wanted > 0) {
+        int32_t best = -1;
+        for (int32_t s = 0; s < p.n_slots; ++s) {
+            const slot & sl = p.slots[s];
+            if (sl.state == SLOT_READY && sl.pin < now && !sl.prefetched && sl.want > now &&
+                (best < 0 || sl.want > p.slots[best].want)) {
+                best = s;
+            }
+        }
+        evict(p, best);
+        return best;
+    }
+    if (p.candidates.empty() && n_prefetched > 0) {
         // an expert loaded because it is expected soon is a poor victim: only when nothing else is left
         for (int32_t s = 0; s < p.n_slots; ++s) {
             const slot & sl = p.slots[s];
@@ -717,10 +748,11 @@ int32_t expert_cache::predict_ahead(int32_t b, const ggml_tensor * hidden, uint6
         return 0; // a prefill's next layer needs most experts anyway: its remap loads them
     }
     const int32_t n_blocks = (int32_t) blocks_.size();
-    const int32_t depth = predictor_->depth();
-    // predict every block ahead first and keep their resident experts, so that loads for one
-    // block do not evict what another is predicted to use
-    for (int32_t d = 1; d <= depth && b + d < n_blocks; ++d) {
+    // predict every later block of this token (up to the predictor's depth) before loading
+    // anything: a resident expert predicted for block b+d is expected d steps from now, and
+    // eviction takes it only when nothing else is left (acquire_slot); the next block's are
+    // kept through this step outright, so that its loads cannot take them
+    for (int32_t d = 1; d <= predictor_->depth() && b + d < n_blocks; ++d) {
         block & tb = blocks_[b + d];
         if (!predictor_->can_predict(b, d)) {
             continue;
@@ -732,19 +764,25 @@ int32_t expert_cache::predict_ahead(int32_t b, const ggml_tensor * hidden, uint6
         for (int32_t e : tb.predicted) {
             const int32_t s = tb.slot_of[e];
             if (s >= 0) {
-                p.slots[s].pin = std::max(p.slots[s].pin, now);
+                p.slots[s].want = std::max(p.slots[s].want, now + (uint64_t) d);
+                if (d == 1) {
+                    p.slots[s].pin = std::max(p.slots[s].pin, now);
+                }
             }
         }
     }
     int32_t n_queued = 0;
-    for (int32_t d = 1; d <= depth && b + d < n_blocks; ++d) {
+    for (int32_t d = 1; d <= opts_.lookahead && b + d < n_blocks; ++d) {
         const int32_t t = b + d;
         block & tb = blocks_[t];
         if (!predictor_->can_predict(b, d)) {
             continue;
         }
         pool & p = pools_[tb.pool];
-        for (int32_t e : tb.predicted) {
+        // the predictions come best first for every row: load the first prefetch_top per row
+        const int64_t n_load = opts_.prefetch_top > 0 ? (int64_t) opts_.prefetch_top*n_rows : (int64_t) tb.predicted.size();
+        for (int64_t i = 0; i < std::min<int64_t>(n_load, (int64_t) tb.predicted.size()); ++i) {
+            const int32_t e = tb.predicted[i];
             if (tb.slot_of[e] >= 0) {
                 continue;
             }
@@ -776,15 +814,16 @@ void expert_cache::remap_wait(wave_ctx & w, int ith) {
     }
     // thread ith enters each remap once, as thread 0 does: its count says which one this is
     const uint64_t n = ++w.calls[ith];
-    // a hit-only remap takes microseconds: spin that long, then sleep
+    // a hit-only remap takes microseconds: spin that long (with the CPU's pause hint, not
+    // sched_yield, which on a busy machine gives the core away for a whole time slice), then sleep
     const auto t0 = std::chrono::steady_clock::now();
-    while (w.done.load(std::memory_order_acquire) < n) {
-        if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(REMAP_SPIN_US)) {
+    for (int i = 0; w.done.load(std::memory_order_acquire) < n; ++i) {
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(REMAP_SPIN_US)) {
             std::unique_lock<std::mutex> lock(wait_mu_);
             wait_cv_.wait(lock, [&] { return w.done.load(std::memory_order_acquire) >= n; });
             return;
         }
-        std::this_thread::yield();
+        cpu_relax();
     }
 }
 

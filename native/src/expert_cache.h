@@ -35,7 +35,7 @@ struct cache_options {
     int         n_io_threads    = 4;
     bool        quiet           = false;
     prefetch_kind prefetch      = prefetch_kind::off;
-    int         lookahead       = 1;   // blocks ahead the predictor prefetches
+    int         lookahead       = 1;   // blocks ahead the predictor prefetches (0: it only steers eviction)
     int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: top-k)
 };
 
@@ -112,6 +112,7 @@ private:
         bool       predicted  = false; // that prefetch came from the predictor: judged at its block's step
         bool       io_started = false; // an I/O thread is reading it
         bool       failed = false;
+        uint64_t   want = 0;      // step at which the predictor expects its use (a later layer of this token)
         uint32_t   gen = 0;       // bumped whenever the slot is emptied: queued jobs of older contents are stale
     };
 

@@ -42,11 +42,10 @@ bool read_f32(int fd, const aux_tensor & t, std::vector<float> & out, std::strin
 
 } // namespace
 
-bool lookahead_predictor::load(const model_layout & layout, int32_t depth, int32_t top, std::string * err) {
+bool lookahead_predictor::load(const model_layout & layout, int32_t depth, std::string * err) {
     depth_    = std::max<int32_t>(1, depth);
     n_expert_ = layout.n_expert;
     k_        = layout.n_expert_used;
-    top_      = top > 0 ? std::min(top, k_) : k_;
     const int32_t n_blocks = (int32_t) layout.blocks.size();
     targets_.assign(n_blocks, target());
     ratio_.assign((size_t) n_blocks*depth_, std::vector<float>());
@@ -100,6 +99,7 @@ bool lookahead_predictor::load(const model_layout & layout, int32_t depth, int32
     x_.resize((size_t) n_embd_);
     logits_.resize((size_t) n_expert_);
     order_.resize((size_t) n_expert_);
+    ranked_.resize((size_t) MAX_ROWS*k_);
     seen_.assign((size_t) n_expert_, 0);
     return true;
 }
@@ -116,6 +116,7 @@ void lookahead_predictor::predict(int32_t b, int32_t d, const float * rows, int6
     const target & t = targets_[b + d];
     const std::vector<float> & ratio = ratio_[(size_t) b*depth_ + d - 1];
     const size_t first_out = out.size();
+    n_rows = std::min<int64_t>(n_rows, MAX_ROWS);
     for (int64_t r = 0; r < n_rows; ++r) {
         const float * h = (const float *) ((const char *) rows + (size_t) r*row_stride);
         const float * x = h;
@@ -147,8 +148,11 @@ void lookahead_predictor::predict(int32_t b, int32_t d, const float * rows, int6
         }
         std::partial_sort(order_.begin(), order_.begin() + k_, order_.end(),
                           [&](int32_t a, int32_t c) { return logits_[a] > logits_[c] || (logits_[a] == logits_[c] && a < c); });
-        for (int32_t j = 0; j < top_; ++j) {
-            const int32_t e = order_[j];
+        std::copy(order_.begin(), order_.begin() + k_, ranked_.begin() + (size_t) r*k_);
+    }
+    for (int32_t j = 0; j < k_; ++j) {
+        for (int64_t r = 0; r < n_rows; ++r) {
+            const int32_t e = ranked_[(size_t) r*k_ + j];
             if (!seen_[e]) {
                 seen_[e] = 1;
                 out.push_back(e);

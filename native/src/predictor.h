@@ -16,18 +16,20 @@ namespace edgemoe {
 
 class lookahead_predictor {
 public:
+    static constexpr int64_t MAX_ROWS = 8; // rows predicted per call; later rows are ignored
+
     // Reads every MoE block's router (and norm weights) from the model file. False with a
-    // one-line reason when the model lacks what prediction needs. top: experts named per row,
-    // the router's best first (0: the model's top-k).
-    bool load(const model_layout & layout, int32_t depth, int32_t top, std::string * err);
+    // one-line reason when the model lacks what prediction needs.
+    bool load(const model_layout & layout, int32_t depth, std::string * err);
 
     int32_t depth() const { return depth_; }
     int64_t n_embd() const { return n_embd_; }
     // block b can predict block b + d
     bool can_predict(int32_t b, int32_t d) const;
 
-    // Appends to out the experts block b + d is predicted to use for each of n_rows input rows
-    // of block b (f32 [n_embd], row_stride bytes apart): each row's best `top`, without repeats.
+    // Appends to out the experts block b + d is predicted to use for n_rows input rows of block
+    // b (f32 [n_embd], row_stride bytes apart): each row's top-k, without repeats, rank by rank
+    // (every row's most likely expert first).
     void predict(int32_t b, int32_t d, const float * rows, int64_t n_rows, size_t row_stride,
                  std::vector<int32_t> & out);
 
@@ -41,12 +43,12 @@ private:
     int64_t n_embd_   = 0;
     int32_t n_expert_ = 0;
     int32_t k_        = 0;
-    int32_t top_      = 0;
     std::vector<target> targets_;              // per block
     std::vector<std::vector<float>> ratio_;    // [b*depth + d-1]: norm_{b+d} / norm_b, empty: 1
     // scratch, sized once
     std::vector<float>   x_, logits_;
     std::vector<int32_t> order_;
+    std::vector<int32_t> ranked_;   // [row][k] for up to MAX_ROWS rows
     std::vector<uint8_t> seen_;
 };
 
