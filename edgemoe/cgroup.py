@@ -123,6 +123,35 @@ def find_memory_controller(proc_self: Path = Path("/proc/self")) -> Tuple[Option
     return None, "; ".join(reasons)
 
 
+def own_memory_cgroups(proc_self: Path = Path("/proc/self")) -> List[Tuple[int, Path, Path]]:
+    """(version, directory, mount point) of the cgroups this process is in, v2 first, then the
+    v1 memory one; the directories from there up to the mount point hold the limits that apply
+    to it. [] where /proc cannot be read.
+
+    Args:
+        proc_self: where `mountinfo` and `cgroup` are read (a fake tree in tests).
+    """
+    try:
+        mounts = _mounts(proc_self / "mountinfo")
+        own = _own_cgroups(proc_self / "cgroup")
+    except OSError:
+        return []
+    out = []
+    v2_path = next((p for ctrls, p in own if not ctrls), None)
+    v1_path = next((p for ctrls, p in own if "memory" in ctrls), None)
+    for version, path in ((2, v2_path), (1, v1_path)):
+        for root, point, fstype, opts in mounts:
+            if path is None or fstype != ("cgroup2" if version == 2 else "cgroup"):
+                continue
+            if version == 1 and "memory" not in opts:
+                continue
+            here = _below(point, root, path)
+            if here is not None:
+                out.append((version, here, Path(point)))
+                break
+    return out
+
+
 class MemoryCgroup:
     """One cgroup with a memory limit. Use as a context manager: on exit, whatever still runs
     in it is killed and the group is removed, also after Ctrl-C.
