@@ -1,7 +1,8 @@
-"""Parses expert-cache budgets: `800MiB`, `1.5GiB`, `1G`, `512M`, `4096`, `25%`, `off`.
+"""Parses expert-cache budgets: `800MiB`, `1.5GiB`, `1G`, `512M`, `4096`, `25%`, `auto`, `off`.
 
 K/M/G/T and KiB/MiB/GiB/TiB are binary (1024-based), as in llama.cpp and free(1);
-KB/MB/GB/TB are decimal (1000-based). A percentage is of all routed expert bytes.
+KB/MB/GB/TB are decimal (1000-based). A percentage is of all routed expert bytes. `auto` is
+sized when the engine starts, from the memory the process may use (edgemoe.auto_budget).
 """
 
 from __future__ import annotations
@@ -26,22 +27,28 @@ _OFF = {"off", "none", "no", "disabled"}
 
 @dataclass(frozen=True)
 class Budget:
-    """Exactly one of `bytes` and `fraction` is set."""
+    """Exactly one of `bytes` and `fraction` is set, or neither in AUTO."""
 
     bytes: Optional[int] = None
     fraction: Optional[float] = None  # of all expert bytes, (0, 1]
+    auto: bool = False                # sized by edgemoe.auto_budget when the engine starts
 
     def __str__(self) -> str:
+        if self.auto:
+            return "auto"
         if self.bytes is not None:
             return f"{self.bytes} bytes"
         return f"{self.fraction * 100:g}%"
+
+
+AUTO = Budget(auto=True)
 
 
 def parse_budget(value: Union[None, str, int, float, Budget]) -> Optional[Budget]:
     """Parses a budget; returns None for "off" (and None).
 
     Args:
-        value: a size string, a percentage string, a byte count, a Budget, "off" or None.
+        value: a size string, a percentage string, a byte count, a Budget, "auto", "off" or None.
 
     Raises:
         BudgetParseError: junk, zero, negative or a percentage outside (0, 100].
@@ -64,6 +71,8 @@ def parse_budget(value: Union[None, str, int, float, Budget]) -> Optional[Budget
     text = value.strip()
     if text.lower() in _OFF:
         return None
+    if text.lower() == "auto":
+        return AUTO
     m = _PERCENT_RE.match(text)
     if m:
         pct = float(m.group(1))
@@ -73,7 +82,7 @@ def parse_budget(value: Union[None, str, int, float, Budget]) -> Optional[Budget
     m = _SIZE_RE.match(text)
     if not m or m.group(2).lower() not in _UNITS:
         raise BudgetParseError(
-            f"invalid expert-cache budget {value!r} (examples: 800MiB, 1.5GiB, 25%, off)"
+            f"invalid expert-cache budget {value!r} (examples: 800MiB, 1.5GiB, 25%, auto, off)"
         )
     number, unit = m.group(1), m.group(2).lower()
     if unit in ("", "b") and "." in number:

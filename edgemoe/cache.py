@@ -41,11 +41,28 @@ class CacheStats:
     bytes_read: int = 0
     read_ms: float = 0.0
     stall_ms: float = 0.0
+    prefetch_cancelled: int = 0
+    pred_predicted: int = 0
+    pred_correct: int = 0
+    pred_actual: int = 0
+    steps: int = 0
+    book_ms: float = 0.0
+    predict_ms: float = 0.0
 
     @property
     def hit_rate(self) -> Optional[float]:
         uses = self.hits + self.misses
         return self.hits / uses if uses else None
+
+    @property
+    def pred_precision(self) -> Optional[float]:
+        """Share of the lookahead predictor's experts that the predicted step used."""
+        return self.pred_correct / self.pred_predicted if self.pred_predicted else None
+
+    @property
+    def pred_recall(self) -> Optional[float]:
+        """Share of the predicted steps' experts that the predictor named."""
+        return self.pred_correct / self.pred_actual if self.pred_actual else None
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class CacheInfo:
     n_pools: int
     policy: str
     io: str
+    prefetch: str
 
 
 def _encode_path(path) -> bytes:
@@ -83,16 +101,27 @@ class ExpertCache:
         io: "direct", "buffered" or "mmap".
         n_io_threads: 0 for the native default.
         quiet: suppress the native side's notices on stderr.
+        prefetch: "off", or "lookahead": each MoE layer predicts the experts of the next
+            `lookahead` layers with their routers and loads them while it computes.
+        lookahead: layers ahead, 1 to 8.
+        prefetch_top: predicted experts per token to load, the router's most likely first
+            (0: the model's top-k).
     """
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
-                 n_io_threads: int = 0, quiet: bool = False):
+                 n_io_threads: int = 0, quiet: bool = False, prefetch: str = "off", lookahead: int = 1,
+                 prefetch_top: int = 0):
         self._handle: Optional[int] = None  # close() must work however far __init__ got
         self._attached = False
         if policy not in B.POLICIES:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(B.POLICIES)}")
         if io not in B.IO_MODES:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(B.IO_MODES)}")
+        if prefetch not in B.PREFETCH_MODES:
+            raise InvalidArgumentError(f"unknown prefetch {prefetch!r}; expected one of {', '.join(B.PREFETCH_MODES)}")
+        if budget.auto:
+            raise InvalidArgumentError("an auto budget is sized by the Engine (edgemoe.auto_budget); "
+                                       "give ExpertCache bytes or a fraction")
         opts = B.edgemoe_default_options()
         opts.budget_bytes = budget.bytes or 0
         opts.budget_fraction = budget.fraction or 0.0
@@ -100,6 +129,9 @@ class ExpertCache:
         opts.io = B.IO_MODES[io]
         opts.n_io_threads = n_io_threads
         opts.quiet = quiet
+        opts.prefetch = B.PREFETCH_MODES[prefetch]
+        opts.lookahead = lookahead
+        opts.prefetch_top = prefetch_top
         handle = B.edgemoe_cache_p()
         B.check(B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle)))
         self._handle = handle.value
@@ -123,7 +155,8 @@ class ExpertCache:
         out = B.edgemoe_cache_info()
         B.check(B.edgemoe_cache_info_get(self.handle, ctypes.byref(out)))
         return CacheInfo(budget_bytes=out.budget_bytes, n_slots=out.n_slots, n_pools=out.n_pools,
-                         policy=_name_of(B.POLICIES, out.policy), io=_name_of(B.IO_MODES, out.io))
+                         policy=_name_of(B.POLICIES, out.policy), io=_name_of(B.IO_MODES, out.io),
+                         prefetch=_name_of(B.PREFETCH_MODES, out.prefetch))
 
     def stats(self, layer: int = -1) -> CacheStats:
         """Totals for layer < 0; zeros for layers without experts."""

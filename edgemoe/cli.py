@@ -9,7 +9,8 @@ import click
 from edgemoe import __version__
 from edgemoe.bench.cli import bench
 from edgemoe.convert.command import convert_command
-from edgemoe.run import CliError, run
+from edgemoe.errors import CliError
+from edgemoe.run import run
 from edgemoe.info import info_command
 from edgemoe.inflate import inflate_command
 from edgemoe.synth_cli import synth_command

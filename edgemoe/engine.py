@@ -40,6 +40,28 @@ class LayerStats:
     read_ms: float
     stall_ms: float
     hit_rate: Optional[float]
+    prefetch_issued: int = 0
+    pred_precision: Optional[float] = None  # lookahead predictor vs this layer's actual experts
+    pred_recall: Optional[float] = None
+    cache_ms: float = 0.0
+    predict_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenBreakdown:
+    """Where a decode step's time goes, per generated token after the first: compute (the
+    rest of the step), stall (waiting for expert reads), cache (the cache's own bookkeeping),
+    predict (the lookahead predictor); with what the step read and CPU time over all threads."""
+
+    tpot_ms: float
+    compute_ms: float
+    stall_ms: float
+    cache_ms: float
+    predict_ms: float
+    bytes_read: float
+    prefetch_hits: float
+    prefetch_wasted: float
+    cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -59,19 +81,30 @@ class EngineStats:
     misses: int = 0
     prefetch_hits: int = 0
     prefetch_wasted: int = 0
+    prefetch_issued: int = 0
+    prefetch_cancelled: int = 0
+    pred_precision: Optional[float] = None
+    pred_recall: Optional[float] = None
     bytes_read: int = 0
     read_ms: float = 0.0
     stall_ms: float = 0.0
+    cache_ms: float = 0.0
+    predict_ms: float = 0.0
     expert_cache_bytes: int = 0
     peak_rss_bytes: int = 0
     n_prompt_tokens: int = 0
     n_generated: int = 0
+    per_token: Optional[TokenBreakdown] = None  # the decode steps of the last generate()
     layers: List[LayerStats] = field(default_factory=list)
 
     def summary(self) -> dict:
-        """The scalar fields (no per-layer list), e.g. for JSON."""
+        """The scalar fields, per_token flattened as `<name>_per_token` (no per-layer list)."""
         d = asdict(self)
         d.pop("layers")
+        per_token = d.pop("per_token") or {}
+        for name, value in per_token.items():
+            if name != "tpot_ms":
+                d[f"{name}_per_token"] = value
         return d
 
 
@@ -110,9 +143,14 @@ class Engine:
     Args:
         model_path: a GGUF file.
         expert_cache: None/"off" for no cache; bytes (int), or a string such as "800MiB",
-            "1.5GiB" or "25%" (of all expert bytes).
-        policy: cache policy, "default", "lru" or "lfu".
+            "1.5GiB" or "25%" (of all expert bytes); "auto" sizes it from the memory this
+            process may use, or turns it off where every expert fits (edgemoe.auto_budget).
+        policy: cache policy, "default", "lru", "lfu" or "belady".
         io: backing store of the cache, "direct", "buffered" or "mmap".
+        prefetch: "off", or "lookahead": each MoE layer applies the next `lookahead` layers'
+            routers to its input and loads the experts they pick while it computes.
+        lookahead: layers ahead, 1 to 8.
+        prefetch_top: predicted experts per token to load, most likely first (0: top-k).
         n_threads: compute threads (default: the CPUs this process may use).
         seed: default sampling seed of generate().
         route_recorder: a RouteRecorder to fill through the context's eval callback.
@@ -126,7 +164,8 @@ class Engine:
                  policy: str = "default", io: str = "direct", n_threads: Optional[int] = None,
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
-                 notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16"):
+                 notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
+                 prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -151,12 +190,22 @@ class Engine:
         budget = parse_budget(expert_cache)
         log.install(verbose)
         check_model_file(self.model_path)
+        self.auto_budget = None  # with expert_cache="auto": how the budget was derived (AutoBudget)
+        if budget is not None and budget.auto:
+            from edgemoe.auto_budget import derive_auto_budget
+
+            self.auto_budget = derive_auto_budget(self.model_path, n_ctx=n_ctx, n_ubatch=min(n_ubatch, n_batch),
+                                                  kv_type=kv_type, flash_attn=kv_type != "f32")
+            self._notice(self.auto_budget.describe())
+            budget = self.auto_budget.budget
 
         try:
             if budget is not None:
                 # before the model: a budget below the minimum fails in milliseconds
                 try:
-                    self._cache = ExpertCache(self.model_path, budget, policy=policy, io=io)
+                    self._cache = ExpertCache(self.model_path, budget, policy=policy, io=io,
+                                              prefetch=prefetch, lookahead=lookahead,
+                                              prefetch_top=prefetch_top)
                 except NoExpertsError:
                     self._notice(f"notice: {os.path.basename(self.model_path)} has no routed experts "
                                  f"(dense model); running without an expert cache")
@@ -433,15 +482,18 @@ class Engine:
         self._decode(tokens, all_logits=False)
         token = llama.llama_sampler_sample(sampler, self._ctx, -1)
         self._ttft_ms = (time.perf_counter() - t0) * 1e3  # the clock stops at the first token
+        # the decode steps' share of the cache counters starts here
+        self._decode_from = self._cache.stats(-1) if self._cache is not None else None
         while not llama.llama_vocab_is_eog(self._vocab, token):
             self._n_generated += 1
             yield token
             if self._n_generated >= max_tokens or self._n_past >= self.n_ctx:
                 break
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             self._decode([token], all_logits=False)
             token = llama.llama_sampler_sample(sampler, self._ctx, -1)
             self._tpot_ms.append((time.perf_counter() - t) * 1e3)
+            self._decode_cpu_s += time.process_time() - cpu
 
     def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
         """Text of a token stream, one piece per token, holding back partial UTF-8 characters."""
@@ -461,6 +513,8 @@ class Engine:
         self._tpot_ms: List[float] = []
         self._n_prompt = 0
         self._n_generated = 0
+        self._decode_from: Optional[CacheStats] = None
+        self._decode_cpu_s = 0.0
 
     def reset_stats(self) -> None:
         self._live()
@@ -479,16 +533,42 @@ class Engine:
                           tokens_per_s=1e3 / mean if mean > 0 else None)
         cache = {}
         layers: List[LayerStats] = []
+        total = None
         if self._cache is not None:
             total = self._cache.stats(-1)
             cache = dict(hit_rate=total.hit_rate, hits=total.hits, misses=total.misses,
                          prefetch_hits=total.prefetch_hits, prefetch_wasted=total.prefetch_wasted,
+                         prefetch_issued=total.prefetch_issued, prefetch_cancelled=total.prefetch_cancelled,
+                         pred_precision=total.pred_precision, pred_recall=total.pred_recall,
                          bytes_read=total.bytes_read, read_ms=total.read_ms, stall_ms=total.stall_ms,
+                         cache_ms=total.book_ms, predict_ms=total.predict_ms,
                          expert_cache_bytes=self._cache.info().budget_bytes)
             for il in range(self.n_layer):
                 s: CacheStats = self._cache.stats(il)
                 layers.append(LayerStats(layer=il, hits=s.hits, misses=s.misses, prefetch_hits=s.prefetch_hits,
                                          prefetch_wasted=s.prefetch_wasted, bytes_read=s.bytes_read,
-                                         read_ms=s.read_ms, stall_ms=s.stall_ms, hit_rate=s.hit_rate))
+                                         read_ms=s.read_ms, stall_ms=s.stall_ms, hit_rate=s.hit_rate,
+                                         prefetch_issued=s.prefetch_issued, pred_precision=s.pred_precision,
+                                         pred_recall=s.pred_recall, cache_ms=s.book_ms, predict_ms=s.predict_ms))
         return EngineStats(ttft_ms=self._ttft_ms, **timing, **cache, peak_rss_bytes=_peak_rss_bytes(),
-                           n_prompt_tokens=self._n_prompt, n_generated=self._n_generated, layers=layers)
+                           n_prompt_tokens=self._n_prompt, n_generated=self._n_generated,
+                           per_token=self._breakdown(tpot, total), layers=layers)
+
+    def _breakdown(self, tpot: np.ndarray, total: Optional[CacheStats]) -> Optional[TokenBreakdown]:
+        """Per decode step of the last generate(): the counters since its first token."""
+        n = tpot.size
+        if n == 0:
+            return None
+        zero = CacheStats()
+        start = self._decode_from or zero
+        now = total or zero
+        tpot_ms = float(tpot.mean())
+        stall = (now.stall_ms - start.stall_ms) / n
+        cache = (now.book_ms - start.book_ms) / n
+        predict = (now.predict_ms - start.predict_ms) / n
+        return TokenBreakdown(tpot_ms=tpot_ms, compute_ms=max(0.0, tpot_ms - stall - cache - predict),
+                              stall_ms=stall, cache_ms=cache, predict_ms=predict,
+                              bytes_read=(now.bytes_read - start.bytes_read) / n,
+                              prefetch_hits=(now.prefetch_hits - start.prefetch_hits) / n,
+                              prefetch_wasted=(now.prefetch_wasted - start.prefetch_wasted) / n,
+                              cpu_s=self._decode_cpu_s / n)

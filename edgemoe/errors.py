@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import click
+
 
 class EdgemoeError(Exception):
     """Base of every error edgemoe raises on purpose. Its message is one line for users."""
+
+
+class CliError(click.ClickException):
+    """A user-facing failure of a command: one `edgemoe: error: ...` line on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+    def show(self, file=None) -> None:
+        click.echo(f"edgemoe: error: {self.message}", err=True)
 
 
 class NativeLibraryError(EdgemoeError):

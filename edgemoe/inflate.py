@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VT
 
 from edgemoe.errors import ConvertError, EdgemoeError
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_ALIGN = 4096

@@ -22,7 +22,7 @@ import click
 from edgemoe.budget import format_bytes
 from edgemoe.errors import EdgemoeError, ModelFormatError
 from edgemoe.gguf_header import GGUFHeader, TensorInfo, read_header
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 
 SLICE_ALIGNMENT = 4096  # O_DIRECT's page
 ROUTER_PREFIX = "edgemoe.router."

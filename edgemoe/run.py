@@ -5,29 +5,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Optional
 
 import click
 
 from edgemoe.budget import parse_budget
-from edgemoe.errors import EdgemoeError
+from edgemoe.errors import CliError, EdgemoeError
 from edgemoe.files import discard, publish, temp_beside
 
-# What --stats prints, in this order; --stats-json writes every scalar of EngineStats.
+# What --stats prints, in this order; --stats-json writes every scalar of EngineStats and the
+# per-layer list. The *_per_token lines split a decode step (docs/cache.md, "Where the time goes").
 STATS_FIELDS = ("ttft_ms", "tpot_ms", "tokens_per_s", "hit_rate", "hits", "misses",
-                "bytes_read", "stall_ms", "peak_rss_bytes")
-
-
-class CliError(click.ClickException):
-    """A user-facing failure: one `edgemoe: error: ...` line on stderr, exit code 1."""
-
-    exit_code = 1
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # always one line
-
-    def show(self, file=None) -> None:
-        click.echo(f"edgemoe: error: {self.message}", err=True)
+                "bytes_read", "stall_ms", "peak_rss_bytes", "compute_ms_per_token", "stall_ms_per_token",
+                "cache_ms_per_token", "predict_ms_per_token", "bytes_read_per_token", "cpu_s_per_token")
+PREFETCH_FIELDS = ("prefetch_hits_per_token", "prefetch_wasted_per_token", "pred_precision", "pred_recall")
 
 
 class _JsonOut:
@@ -81,18 +73,28 @@ def _format(value) -> str:
 @click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True)
 @click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
-@click.option("--expert-cache", "expert_cache", metavar="SIZE|off", default="off", show_default=True,
-              help="Expert-cache budget: bytes (800MiB, 1.5GiB) or a share of expert bytes (25%).")
+@click.option("--expert-cache", "expert_cache", metavar="SIZE|auto|off", default="auto", show_default=True,
+              help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
+                   "the memory this process may use; off where every expert fits; prints how) or off "
+                   "(stock llama.cpp).")
 @click.option("--policy", type=click.Choice(["default", "lru", "lfu"]), default="default", show_default=True)
 @click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
               help="How the cache reads experts.")
+@click.option("--prefetch", type=click.Choice(["off", "lookahead"]), default="off", show_default=True,
+              help="lookahead: each MoE layer applies the next layers' routers to its input and loads "
+                   "the experts they pick while it computes.")
+@click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
+              help="Layers ahead whose predicted experts --prefetch lookahead loads (0: the predictions "
+                   "only steer eviction).")
+@click.option("--prefetch-top", type=click.IntRange(0), default=0, show_default=True,
+              help="Predicted experts per token to load, most likely first (0: the model's top-k).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and cache stats to stderr at the end.")
 @click.option("--stats-json", metavar="FILE", default=None, help="Write the stats as one JSON object.")
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log.")
 def run(model_path: Optional[str], prompt: str, n_predict: int, threads: Optional[int], ctx_size: int,
         batch_size: int, ubatch_size: int, n_gpu_layers: int, temp: float, seed: Optional[int],
-        expert_cache: str, policy: str, io: str, show_stats: bool, stats_json: Optional[str],
-        verbose: bool) -> None:
+        expert_cache: str, policy: str, io: str, prefetch: str, lookahead: int, prefetch_top: int,
+        show_stats: bool, stats_json: Optional[str], verbose: bool) -> None:
     """Generate text from PROMPT, streaming it to stdout."""
     try:
         budget = parse_budget(expert_cache)
@@ -108,19 +110,23 @@ def run(model_path: Optional[str], prompt: str, n_predict: int, threads: Optiona
             model_path = str(default_model_path())
         engine = Engine(model_path, expert_cache=budget, policy=policy, io=io, n_threads=threads,
                         n_ctx=ctx_size, n_batch=batch_size, n_ubatch=ubatch_size,
-                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
+                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose, prefetch=prefetch,
+                        lookahead=lookahead, prefetch_top=prefetch_top)
         out = sys.stdout
         for piece in engine.generate(prompt, max_tokens=n_predict, temperature=temp, seed=seed):
             out.write(piece)
             out.flush()
         out.write("\n")
         out.flush()
-        stats = engine.stats().summary()
+        full = engine.stats()
+        stats = full.summary()
         if show_stats:
-            for name in STATS_FIELDS:
-                click.echo(f"{name}: {_format(stats[name])}", err=True)
+            names = STATS_FIELDS + (PREFETCH_FIELDS if prefetch != "off" and engine.cache is not None else ())
+            for name in names:
+                if name in stats:
+                    click.echo(f"{name}: {_format(stats[name])}", err=True)
         if json_out is not None:
-            json_out.commit(stats)
+            json_out.commit(dict(stats, layers=[asdict(layer) for layer in full.layers]))
     except EdgemoeError as e:
         raise CliError(str(e)) from None
     except KeyboardInterrupt:

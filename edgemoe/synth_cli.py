@@ -11,7 +11,7 @@ import click
 
 from edgemoe.budget import format_bytes
 from edgemoe.errors import EdgemoeError
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 from edgemoe.shapes import SHAPES, get_shape, synth_config
 from edgemoe.synth import TYPES, plan, write_model
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from edgemoe.errors import EdgemoeError, EdgemoeIOError, InvalidArgumentError, ModelFormatError
 from edgemoe.files import discard, publish, temp_beside
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 
 FORMAT_VERSION = 1
 LRU_CAPACITIES = (0.10, 0.25, 0.50)

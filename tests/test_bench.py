@@ -406,3 +406,33 @@ def test_telemetry_counts_storage_reads(tmp_path):
     assert ok or (why and "\n" not in why)
 
 
+
+
+def test_prefetch_variants_and_the_time_split(edgemoe_env, tmp_path):
+    """--prefetch off,lookahead x --prefetch-top: one row each, prefetch counters only where it
+    prefetches, the decode step split per token, and every variant generating the same text."""
+    trained = os.path.join(os.path.dirname(__file__), "..", "models", "edgemoe-tiny-q8_0.gguf")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "It is a truth universally acknowledged, that"}\n'
+                       '{"prompt": "Once upon a time there lived"}\n')
+    rows = _json_rows(_bench(["-m", trained, "--prompts", prompts, "-n", 12, "-r", 1, "--expert-cache", "25%",
+                              "--prefetch", "off,lookahead", "--prefetch-top", "0,4", "-o", "json"], edgemoe_env))
+    assert [r["prefetch"] for r in rows] == ["off", "lookahead", "lookahead:1:4"]
+    off, full, top4 = rows
+    assert off["prefetch_issued"] == 0 and off["pred_precision"] is None
+    for r in (full, top4):
+        assert r["prefetch_issued"] > 0
+        assert 0 < r["pred_precision"] <= 1
+    assert top4["prefetch_issued"] < full["prefetch_issued"]
+    for r in rows:
+        assert r["compute_ms"] >= 0 and r["stall_ms_per_token"] >= 0 and r["cpu_s_per_token"] > 0
+        # the split adds up to the TPOT of the decode steps
+        parts = r["compute_ms"] + r["stall_ms_per_token"] + r["cache_ms_per_token"] + r["predict_ms_per_token"]
+        assert parts == pytest.approx(r["tpot_ms"], rel=1e-6)
+        assert r["samples_generated"] == off["samples_generated"]
+        assert len(r["samples_generated"][0]) == 12
+
+
+def test_prefetch_flags_refuse_bad_values(model, edgemoe_env):
+    _assert_one_line_error(_bench(["-m", model, "--prefetch", "sometimes"], edgemoe_env), "--prefetch")
+    _assert_one_line_error(_bench(["-m", model, "--lookahead", "9"], edgemoe_env), "--lookahead")

@@ -164,3 +164,36 @@ def test_budget_and_limit_checks_name_the_minimum():
     check_limit((110 << 20), FACTS)
     with pytest.raises(InvalidArgumentError, match="too small"):
         check_limit((110 << 20) - 1, FACTS)
+
+
+def test_auto_budget_gets_stocks_limit_and_passes_the_minimum_check():
+    check_budget("auto", FACTS)  # sized in the child, never below the minimum
+    assert auto_limit("auto", FACTS) == auto_limit("off", FACTS) == (1100 << 20) + AUTO_OVERHEAD
+    configs = expand([FACTS], [2], [512], [512], [0], ["auto", "25%", "off"], ["default"], ["direct"],
+                     baseline=True, mem_limit=AUTO, tests=TESTS)
+    stock = (1100 << 20) + AUTO_OVERHEAD
+    # auto's baseline and the plain `off` share stock's limit: one stock row there, not two
+    assert [(c.expert_cache, c.policy, c.mem_limit) for c in configs] == [
+        ("auto", "default", stock), (None, None, stock), ("25%", "default", (350 << 20) + AUTO_OVERHEAD),
+        (None, None, (350 << 20) + AUTO_OVERHEAD)]
+    fixed = expand([FACTS], [2], [512], [512], [0], ["auto"], ["lru", "lfu"], ["direct"], baseline=False,
+                   mem_limit=str(1 << 30), tests=TESTS)
+    assert [(c.expert_cache, c.policy, c.mem_limit) for c in fixed] == [("auto", "lru", 1 << 30),
+                                                                         ("auto", "lfu", 1 << 30)]
+
+
+def test_markdown_shows_what_auto_chose():
+    rows = [Row(expert_cache="auto", expert_cache_auto="expert cache auto: off, every expert fits (...)"),
+            Row(expert_cache="auto", expert_cache_bytes=3 << 29, expert_cache_auto="expert cache auto: 1.5 GiB"),
+            Row(expert_cache="auto", status="error", error="boom"),  # the child never got that far
+            Row(expert_cache="25%", expert_cache_bytes=1 << 20)]
+    out = io.StringIO()
+    p = Printer("md", out, rows)
+    p.begin()
+    for r in rows:
+        p.row(r)
+    lines = out.getvalue().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))["expert_cache"] for line in lines[2:]]
+    assert cells == ["auto: off", "auto: 1.5 GiB", "auto", "25%"]
+    assert len({len(line) for line in lines}) == 1  # the column is wide enough for every cell

@@ -1,6 +1,6 @@
 import pytest
 
-from edgemoe.budget import Budget, format_bytes, parse_budget
+from edgemoe.budget import AUTO, Budget, format_bytes, parse_budget
 from edgemoe.errors import BudgetParseError, EdgemoeError
 
 
@@ -38,6 +38,12 @@ def test_rejects_junk(text):
     # a ValueError too, so generic callers can catch it; one line for the CLI
     assert isinstance(info.value, ValueError) and isinstance(info.value, EdgemoeError)
     assert "\n" not in str(info.value)
+
+
+def test_auto():
+    assert parse_budget("auto") is AUTO and parse_budget(" AUTO ") is AUTO and parse_budget(AUTO) is AUTO
+    assert AUTO.auto and AUTO.bytes is None and AUTO.fraction is None and str(AUTO) == "auto"
+    assert not Budget(bytes=1).auto
 
 
 def test_budget_passes_through():

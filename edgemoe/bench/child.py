@@ -33,6 +33,9 @@ class ChildSpec:
     expert_cache: Optional[str]
     policy: Optional[str]
     io: Optional[str]
+    prefetch: Optional[str]
+    lookahead: int
+    prefetch_top: int
     tests: List[dict]                 # BenchTest fields: kind, n_prompt, n_gen
     reps: List[int]                   # repetition indices to run
     warmup: bool
@@ -42,6 +45,12 @@ class ChildSpec:
     record_routes: bool = False       # return the routes every MoE layer took
     jetson: bool = False
     preload: bool = False             # load every expert that fits before the warm-up
+
+
+def _notice(msg: str) -> None:
+    """The engine's notices, less the `auto` budget's derivation: that goes into the rows."""
+    if not msg.startswith("expert cache auto:"):
+        print(f"edgemoe: {msg}", file=sys.stderr, flush=True)
 
 
 def _tokens_per_rep(tests: List[dict], prompt_lens: List[int], rep: int) -> List[int]:
@@ -71,9 +80,11 @@ class _Runner:
         longest = max((len(p.encode("utf-8")) + 2 for p in spec.prompts), default=0)
         n_ctx = max(n_pp, longest + n_gen, n_gen + 1) + 8
         self.engine = Engine(spec.model, expert_cache=spec.expert_cache, policy=spec.policy or "default",
+                             prefetch=spec.prefetch or "off", lookahead=spec.lookahead,
+                             prefetch_top=spec.prefetch_top,
                              io=spec.io or "direct", n_threads=spec.n_threads, n_ctx=n_ctx,
                              n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=spec.n_gpu_layers,
-                             route_recorder=self.recorder)
+                             route_recorder=self.recorder, notice=_notice)
         self.telemetry = Telemetry(jetson=spec.jetson)
         self.prompts = [self.engine.tokenize(p) for p in spec.prompts]
         self.replay = None
@@ -117,6 +128,8 @@ class _Runner:
         if self.engine.cache is not None:
             info = self.engine.cache.info()
             out.update(expert_cache_bytes=info.budget_bytes, expert_cache_slots=info.n_slots)
+        if self.engine.auto_budget is not None:
+            out.update(expert_cache_auto=self.engine.auto_budget.describe())
         return out
 
     def close(self) -> None:
@@ -149,33 +162,58 @@ class _Runner:
         e.reset_stats()
         kind, n_gen = test["kind"], test["n_gen"]
         ttft_ns, tpot_ns = None, []
+        decode_cpu_s = 0.0
+        generated: List[int] = []
         window = self.telemetry.start()
         if kind == "pp":
             tokens = self._random_tokens(index, rep, test["n_prompt"])
             ttft_ns, _ = self._eval(tokens, pos)
             n_tokens = len(tokens)
+            at_decode = self._cache_counters()
         elif kind == "tg":
             tokens = self._random_tokens(index, rep, n_gen)
+            at_decode = self._cache_counters()
             for i, tok in enumerate(tokens):
+                cpu = time.process_time()
                 ns, _ = self._eval([tok], pos + i)
+                decode_cpu_s += time.process_time() - cpu
                 tpot_ns.append(ns)
             n_tokens = n_gen
         else:
             prompt = self.prompts[(rep + 1) % len(self.prompts)]
             ttft_ns, logits = self._eval(prompt, pos)
+            at_decode = self._cache_counters()
             for i in range(n_gen):
                 tok = int(np.argmax(logits[-1]))  # greedy: real text from a trained model
+                generated.append(tok)
+                cpu = time.process_time()
                 ns, logits = self._eval([tok], pos + len(prompt) + i)
+                decode_cpu_s += time.process_time() - cpu
                 tpot_ns.append(ns)
             n_tokens = len(prompt) + n_gen
         total_ns = (ttft_ns or 0) + sum(tpot_ns)
         tel = self.telemetry.stop(window)
         s = e.stats()
+        end = self._cache_counters()
+        # the decode steps' share of the counters: where a step's time goes
+        decode = {f"decode_{k}": end[k] - at_decode[k] for k in end}
         return dict(rep=rep, ns=total_ns, n_tokens=n_tokens, n_prompt_tokens=n_tokens - len(tpot_ns),
                     ttft_ms=ttft_ns / 1e6 if ttft_ns is not None else None,
                     tpot_ms=[x / 1e6 for x in tpot_ns], hits=s.hits, misses=s.misses,
-                    prefetch_hits=s.prefetch_hits, bytes_read=s.bytes_read, read_ms=s.read_ms,
-                    stall_ms=s.stall_ms, peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
+                    prefetch_hits=s.prefetch_hits, prefetch_wasted=s.prefetch_wasted,
+                    prefetch_issued=s.prefetch_issued, pred_predicted=end["pred_predicted"],
+                    pred_correct=end["pred_correct"], pred_actual=end["pred_actual"],
+                    bytes_read=s.bytes_read, read_ms=s.read_ms, stall_ms=s.stall_ms,
+                    decode_cpu_s=decode_cpu_s, generated=generated, **decode,
+                    peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
+
+    def _cache_counters(self) -> dict:
+        """The cache's running totals (zeros with the cache off)."""
+        from edgemoe.cache import CacheStats
+
+        s = self.engine.cache.stats() if self.engine.cache is not None else CacheStats()
+        return dict(stall_ms=s.stall_ms, book_ms=s.book_ms, predict_ms=s.predict_ms, bytes_read=s.bytes_read,
+                    pred_predicted=s.pred_predicted, pred_correct=s.pred_correct, pred_actual=s.pred_actual)
 
     def run(self) -> dict:
         spec = self.spec

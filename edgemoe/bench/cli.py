@@ -16,10 +16,11 @@ from edgemoe.bench.output import FORMATS
 from edgemoe.bench.params import AUTO, AUTO_OVERHEAD
 from edgemoe.cpus import default_threads
 from edgemoe.errors import EdgemoeError
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 
 POLICY_CHOICES = ("default", "lru", "lfu", "belady")
 IO_CHOICES = ("direct", "buffered", "mmap")
+PREFETCH_CHOICES = ("off", "lookahead")
 
 
 class _Notices:
@@ -84,11 +85,19 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
 @click.option("-ub", "--ubatch-size", multiple=True, default=("512",), show_default=True, metavar="N[,N]")
 @click.option("-ngl", "--n-gpu-layers", multiple=True, default=("0",), show_default=True, metavar="N[,N]")
 @click.option("--expert-cache", "caches", multiple=True, default=("25%",), show_default=True,
-              metavar="SIZE|off[,...]", help="Budgets: bytes (800MiB), a share of expert bytes (25%), or off.")
+              metavar="SIZE|auto|off[,...]",
+              help="Budgets: bytes (800MiB), a share of expert bytes (25%), auto (sized in each child from its "
+                   "memory limit, or MemAvailable), or off.")
 @click.option("--policy", "policies", multiple=True, default=("default",), show_default=True,
               metavar="P[,P]", help=f"Cache policies: {', '.join(POLICY_CHOICES)}.")
 @click.option("--io", "ios", multiple=True, default=("direct",), show_default=True, metavar="IO[,IO]",
               help=f"How the cache reads experts: {', '.join(IO_CHOICES)}.")
+@click.option("--prefetch", "prefetches", multiple=True, default=("off",), show_default=True, metavar="P[,P]",
+              help="Prefetch modes of the cache-on runs: off, lookahead (docs/cache.md).")
+@click.option("--lookahead", "lookaheads", multiple=True, default=("1",), show_default=True, metavar="N[,N]",
+              help="Layers ahead whose predicted experts load (0: predictions only steer eviction).")
+@click.option("--prefetch-top", "prefetch_tops", multiple=True, default=("0",), show_default=True,
+              metavar="M[,M]", help="Predicted experts per token to load, most likely first (0: top-k).")
 @click.option("--baseline", is_flag=True,
               help="Add stock llama.cpp (cache off: mmap and the page cache) under the same limits.")
 @click.option("--mem-limit", metavar="SIZE|auto", default=None,
@@ -112,7 +121,7 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random tokens.")
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
 def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size, n_gpu_layers, caches,
-          policies, ios, baseline, mem_limit, cold, no_warmup, preload, read_ahead, prompts_file, routes_file,
+          policies, ios, prefetches, lookaheads, prefetch_tops, baseline, mem_limit, cold, no_warmup, preload, read_ahead, prompts_file, routes_file,
           seed, fmt) -> None:
     """Benchmark MODEL like llama-bench: every combination of the list-valued settings, each in
     its own process, with expert-cache columns and stock llama.cpp beside it."""
@@ -133,6 +142,11 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
             raise CliError("--expert-cache needs at least one value")
         policy_list = _choices(policies, POLICY_CHOICES, "--policy")
         io_list = _choices(ios, IO_CHOICES, "--io")
+        prefetch_list = _choices(prefetches, PREFETCH_CHOICES, "--prefetch")
+        lookahead_list = P.int_list(lookaheads, "--lookahead", 0)
+        if any(d > 8 for d in lookahead_list):
+            raise CliError("--lookahead: at most 8 layers")
+        top_list = P.int_list(prefetch_tops, "--prefetch-top", 0)
         prompts = read_prompts(prompts_file) if prompts_file else []
         if prompts and click.get_current_context().get_parameter_source("n_prompt").name == "COMMANDLINE":
             notice("-p is ignored with --prompts: the prompts are the prefill")
@@ -165,7 +179,7 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
                 if f.n_moe_layer == 0:
                     raise CliError(f"--routes needs a model with routed experts; {f.path} is dense")
         configs = P.expand(facts, thread_list, batches, ubatches, ngls, cache_list, policy_list, io_list,
-                           baseline, limit_arg, tests)
+                           baseline, limit_arg, tests, prefetch_list, lookahead_list, top_list)
 
         controller = None
         if limit_arg is not None:
@@ -235,4 +249,6 @@ def _prototype_rows(configs, opts):
     from edgemoe.bench.results import Row
 
     return [Row(n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_gpu_layers=c.n_gpu_layers, mem_limit=c.mem_limit,
-                routes="x" if opts.routes and c.expert_cache else None) for c in configs]
+                expert_cache=c.expert_cache or "off", routes="x" if opts.routes and c.expert_cache else None,
+                prefetch=c.prefetch_label if c.expert_cache else None)
+            for c in configs]

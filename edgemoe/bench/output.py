@@ -13,6 +13,7 @@ import json
 from typing import IO, Callable, List, Optional, Sequence, Tuple
 
 from edgemoe.bench.results import SCALAR_FIELDS, STATUS_OK, Row
+from edgemoe.budget import format_bytes
 
 FORMATS = ("md", "csv", "json", "jsonl")
 DEFAULT_BATCH, DEFAULT_UBATCH, DEFAULT_NGL = 512, 512, 0
@@ -51,6 +52,13 @@ def _ts(r: Row) -> str:
     return _pm(r.avg_ts, r.stddev_ts)
 
 
+def _cache(r: Row) -> str:
+    """The budget as given; `auto` with what it chose, where the child got that far."""
+    if r.expert_cache != "auto" or r.expert_cache_auto is None:
+        return r.expert_cache
+    return "auto: off" if r.expert_cache_bytes is None else f"auto: {format_bytes(r.expert_cache_bytes)}"
+
+
 def _limit(r: Row) -> str:
     if r.mem_limit is None:
         return "-"
@@ -77,10 +85,13 @@ def md_columns(rows_like: Sequence[Row]) -> List[Column]:
     if any(r.n_gpu_layers != DEFAULT_NGL for r in rows_like):
         cols.append(("ngl", True, 3, lambda r: str(r.n_gpu_layers)))
     cols += [
-        ("expert_cache", False, 12, lambda r: r.expert_cache),
+        ("expert_cache", False, 16 if any(r.expert_cache == "auto" for r in rows_like) else 12, _cache),
         ("policy", False, 7, lambda r: r.policy or "-"),
         ("io", False, 8, lambda r: r.io or "-"),
     ]
+    prefetching = any(r.prefetch not in (None, "off") for r in rows_like)
+    if prefetching:
+        cols.append(("prefetch", False, 9, lambda r: r.prefetch or "-"))
     if any(r.mem_limit is not None for r in rows_like):
         cols.append(("mem_limit", True, 9, _limit))
     if any(r.routes for r in rows_like):
@@ -95,8 +106,18 @@ def md_columns(rows_like: Sequence[Row]) -> List[Column]:
         ("hit_rate", True, 8, lambda r: _num(r.hit_rate, 3)),
         ("bytes_read", True, 12, lambda r: _mib(r.bytes_read)),
         ("stall_ms", True, 9, lambda r: _num(r.stall_ms)),
-        ("peak_rss_bytes", True, 14, lambda r: _gib(r.peak_rss_bytes)),
+        ("compute/tok", True, 11, lambda r: _num(r.compute_ms)),
+        ("stall/tok", True, 9, lambda r: _num(r.stall_ms_per_token)),
+        ("cpu_ms/tok", True, 10, lambda r: _num(r.cpu_s_per_token * 1e3 if r.cpu_s_per_token is not None else None)),
     ]
+    if prefetching:
+        cols += [
+            ("pf_hits", True, 7, lambda r: _num(r.prefetch_hits)),
+            ("pf_waste", True, 8, lambda r: _num(r.prefetch_wasted)),
+            ("pred_p/r", True, 9, lambda r: "-" if r.pred_precision is None else
+             f"{r.pred_precision:.2f}/{r.pred_recall:.2f}"),
+        ]
+    cols.append(("peak_rss_bytes", True, 14, lambda r: _gib(r.peak_rss_bytes)))
     return cols
 
 

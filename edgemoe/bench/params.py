@@ -4,6 +4,10 @@ one configuration per combination, each run in its own child process.
 A cache-off baseline (`--baseline`) shares the memory limit of the configurations it is
 compared with: under `--mem-limit auto` one baseline per budget, placed after that budget's
 rows, so that each stock row stands beside the edgemoe rows of the same limit.
+
+A budget of `auto` is sized in the child, from the limit it runs under (edgemoe.auto_budget).
+Under `--mem-limit auto` it gets stock's limit, room for every expert: the same memory as the
+stock row beside it.
 """
 
 from __future__ import annotations
@@ -90,10 +94,24 @@ class Config:
     io: Optional[str]
     mem_limit: Optional[int] = None
     tests: Tuple[BenchTest, ...] = field(default_factory=tuple)
+    prefetch: Optional[str] = None     # None with the cache off; "off" or "lookahead"
+    lookahead: int = 1
+    prefetch_top: int = 0
+
+    @property
+    def prefetch_label(self) -> str:
+        """`off`, `lookahead` (one layer ahead, top-k), or `lookahead:D` / `lookahead:D:M`."""
+        if self.prefetch != "lookahead":
+            return self.prefetch or "-"
+        if self.prefetch_top:
+            return f"lookahead:{self.lookahead}:{self.prefetch_top}"
+        return "lookahead" if self.lookahead == 1 else f"lookahead:{self.lookahead}"
 
     @property
     def label(self) -> str:
         cache = f"{self.expert_cache} {self.policy} {self.io}" if self.expert_cache else "cache off"
+        if self.expert_cache and self.prefetch not in (None, "off"):
+            cache += f" prefetch {self.prefetch_label}"
         limit = f", limit {format_bytes(self.mem_limit)}" if self.mem_limit else ""
         return f"{self.model.rsplit('/', 1)[-1]} t={self.n_threads} {cache}{limit}"
 
@@ -107,8 +125,8 @@ def budget_bytes(budget: Budget, facts: ModelFacts) -> int:
 def check_budget(text: str, facts: ModelFacts) -> None:
     """A budget below the model's minimum fails here, before any child runs."""
     budget = parse_budget(text)
-    if budget is None or facts.n_moe_layer == 0:
-        return  # dense models run without a cache (the engine says so)
+    if budget is None or budget.auto or facts.n_moe_layer == 0:
+        return  # dense models run without a cache (the engine says so); auto is never below it
     if budget_bytes(budget, facts) < facts.min_budget_bytes:
         raise InvalidArgumentError(
             f"expert-cache budget {text} of {facts.path} is {format_bytes(budget_bytes(budget, facts))}, "
@@ -126,21 +144,31 @@ def check_limit(limit: int, facts: ModelFacts) -> None:
 
 
 def auto_limit(expert_cache: Optional[str], facts: ModelFacts) -> int:
-    """non-expert bytes + budget + AUTO_OVERHEAD; a cache-off run gets room for every expert."""
+    """non-expert bytes + budget + AUTO_OVERHEAD; a cache-off or `auto` run gets room for every expert."""
     budget = parse_budget(expert_cache)
-    held = facts.expert_bytes if budget is None else min(budget_bytes(budget, facts), facts.expert_bytes)
+    held = facts.expert_bytes if budget is None or budget.auto else min(budget_bytes(budget, facts),
+                                                                         facts.expert_bytes)
     return facts.non_expert_bytes + held + AUTO_OVERHEAD
 
 
 def expand(facts: Sequence[ModelFacts], threads: Sequence[int], n_batch: Sequence[int], n_ubatch: Sequence[int],
            n_gpu_layers: Sequence[int], caches: Sequence[str], policies: Sequence[str], ios: Sequence[str],
-           baseline: bool, mem_limit: Optional[str], tests: Sequence[BenchTest]) -> List[Config]:
+           baseline: bool, mem_limit: Optional[str], tests: Sequence[BenchTest],
+           prefetches: Sequence[str] = ("off",), lookaheads: Sequence[int] = (1,),
+           prefetch_tops: Sequence[int] = (0,)) -> List[Config]:
     """Every combination, in llama-bench's order (model outermost), duplicates dropped.
 
     Args:
         caches: budgets as written, "off" for the cache off.
         mem_limit: None, AUTO, or a size already checked and given in bytes as a string.
+        prefetches: "off", "lookahead"; lookaheads and prefetch_tops vary the lookahead ones.
     """
+    variants = []
+    for p in prefetches:
+        if p == "off":
+            variants.append(dict(prefetch="off"))
+        else:
+            variants += [dict(prefetch=p, lookahead=d, prefetch_top=top) for d in lookaheads for top in prefetch_tops]
     out: List[Config] = []
     for m in facts:
         for t in threads:
@@ -157,8 +185,9 @@ def expand(facts: Sequence[ModelFacts], threads: Sequence[int], n_batch: Sequenc
                                 continue
                             for policy in policies:
                                 for io in ios:
-                                    out.append(replace(base, expert_cache=cache, policy=policy, io=io,
-                                                       mem_limit=limit))
+                                    for v in variants:
+                                        out.append(replace(base, expert_cache=cache, policy=policy, io=io,
+                                                           mem_limit=limit, **v))
                             if baseline and mem_limit == AUTO:
                                 out.append(replace(base, mem_limit=limit))
                         if baseline and mem_limit != AUTO:

@@ -47,7 +47,9 @@ class Row:
     expert_cache: str = "off"
     expert_cache_bytes: Optional[int] = None
     expert_cache_slots: Optional[int] = None
+    expert_cache_auto: Optional[str] = None  # with `auto`: what it chose and how (one line)
     policy: Optional[str] = None
+    prefetch: Optional[str] = None           # off, lookahead[:layers[:top]]; none with the cache off
     io: Optional[str] = None
     mem_limit: Optional[int] = None
     mem_limit_cgroup: Optional[str] = None   # "v2", "v1", or "none": asked for but not enforced
@@ -72,6 +74,17 @@ class Row:
     bytes_read: Optional[float] = None
     read_ms: Optional[float] = None
     stall_ms: Optional[float] = None
+    prefetch_issued: Optional[float] = None
+    prefetch_wasted: Optional[float] = None
+    pred_precision: Optional[float] = None   # the lookahead predictor against the actual routes
+    pred_recall: Optional[float] = None
+    # -- a decode step, per generated token (docs/cache.md, "Where the time goes") -----------
+    compute_ms: Optional[float] = None       # tpot_ms less stall, cache and predictor time
+    stall_ms_per_token: Optional[float] = None
+    cache_ms_per_token: Optional[float] = None
+    predict_ms_per_token: Optional[float] = None
+    bytes_read_per_token: Optional[float] = None
+    cpu_s_per_token: Optional[float] = None  # all threads of the process
     # -- telemetry -------------------------------------------------------------------------
     peak_rss_bytes: Optional[int] = None
     cgroup_peak_bytes: Optional[int] = None  # page cache included
@@ -87,6 +100,7 @@ class Row:
     samples_ts: List[float] = field(default_factory=list)
     samples_ttft_ms: List[float] = field(default_factory=list)
     samples_tpot_ms: List[List[float]] = field(default_factory=list)
+    samples_generated: List[List[int]] = field(default_factory=list)  # prompt tests: the greedy tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +138,7 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
     if ttft:
         row.samples_ttft_ms = ttft
         row.ttft_ms, row.ttft_ms_stddev = _mean(ttft), _sd(ttft)
+    row.samples_generated = [r["generated"] for r in reps if r.get("generated")]
     tpot = [r["tpot_ms"] for r in reps if r["tpot_ms"]]
     if tpot:
         row.samples_tpot_ms = tpot
@@ -136,8 +151,27 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
     if row.expert_cache != "off":
         hits, misses = sum(r["hits"] for r in reps), sum(r["misses"] for r in reps)
         row.hit_rate = hits / (hits + misses) if hits + misses else None
-        for name in ("hits", "misses", "prefetch_hits", "bytes_read", "read_ms", "stall_ms"):
-            setattr(row, name, _mean([r[name] for r in reps]))
+        for name in ("hits", "misses", "prefetch_hits", "bytes_read", "read_ms", "stall_ms", "prefetch_issued",
+                     "prefetch_wasted"):
+            setattr(row, name, _mean([r.get(name) for r in reps]))
+        predicted = sum(r.get("pred_predicted", 0) for r in reps)
+        actual = sum(r.get("pred_actual", 0) for r in reps)
+        correct = sum(r.get("pred_correct", 0) for r in reps)
+        row.pred_precision = correct / predicted if predicted else None
+        row.pred_recall = correct / actual if actual else None
+    n_decode = sum(len(r["tpot_ms"]) for r in reps)
+    if n_decode:
+        def per_token(name):
+            return sum(r.get(name, 0.0) for r in reps) / n_decode
+
+        row.stall_ms_per_token = per_token("decode_stall_ms")
+        row.cache_ms_per_token = per_token("decode_book_ms")
+        row.predict_ms_per_token = per_token("decode_predict_ms")
+        row.bytes_read_per_token = per_token("decode_bytes_read")
+        row.cpu_s_per_token = per_token("decode_cpu_s")
+        tpot_all = sum(sum(r["tpot_ms"]) for r in reps) / n_decode
+        row.compute_ms = max(0.0, tpot_all - row.stall_ms_per_token - row.cache_ms_per_token
+                             - row.predict_ms_per_token)
     row.peak_rss_bytes = max(r["peak_rss_bytes"] for r in reps)
 
     tel = [r["telemetry"] for r in reps]

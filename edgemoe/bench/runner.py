@@ -159,7 +159,7 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
     tests = [asdict(t) for t in cfg.tests]
     base = ChildSpec(model=cfg.model, n_threads=cfg.n_threads, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch,
                      n_gpu_layers=cfg.n_gpu_layers, expert_cache=cfg.expert_cache, policy=cfg.policy, io=cfg.io,
-                     tests=tests, reps=list(range(opts.repetitions)), warmup=opts.warmup and not opts.cold,
+                     prefetch=cfg.prefetch, lookahead=cfg.lookahead, prefetch_top=cfg.prefetch_top, tests=tests, reps=list(range(opts.repetitions)), warmup=opts.warmup and not opts.cold,
                      seed=opts.seed, prompts=opts.prompts,
                      routes=opts.routes if cfg.expert_cache else None, record_routes=opts.record_routes,
                      jetson=opts.jetson, preload=opts.preload)
@@ -188,10 +188,13 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                   n_gpu_layers=cfg.n_gpu_layers, n_prompt=test.n_prompt, n_gen=test.n_gen, test=test.name,
                   test_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   expert_cache=cfg.expert_cache or "off", expert_cache_bytes=first.get("expert_cache_bytes"),
-                  expert_cache_slots=first.get("expert_cache_slots"), policy=cfg.policy, io=cfg.io,
+                  expert_cache_slots=first.get("expert_cache_slots"),
+                  expert_cache_auto=first.get("expert_cache_auto"), policy=cfg.policy, io=cfg.io,
+                  prefetch=cfg.prefetch_label if cfg.expert_cache else None,
                   mem_limit=cfg.mem_limit,
                   mem_limit_cgroup=(opts.controller.name if opts.controller else "none") if cfg.mem_limit else None,
-                  cold=opts.cold, read_ahead_kb=opts.read_ahead_kb.get(cfg.model), routes=routes_name,
+                  cold=opts.cold, read_ahead_kb=opts.read_ahead_kb.get(cfg.model),
+                  routes=routes_name if first.get("replayed", True) else None,  # auto may turn the cache off
                   prompts=opts.prompts_name, cgroup_peak_bytes=max(peaks) if peaks else None)
         if test.kind == "prompt" and reps:
             row.n_prompt = round(sum(r["n_prompt_tokens"] for r in reps) / len(reps))

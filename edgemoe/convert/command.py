@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from edgemoe.errors import EdgemoeError
-from edgemoe.run import CliError
+from edgemoe.errors import CliError
 
 
 @click.command("convert")
