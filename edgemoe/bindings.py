@@ -54,7 +54,7 @@ PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOO
 #     bool    quiet;           // no notices on stderr
 #     int32_t prefetch;        // enum edgemoe_prefetch
 #     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
-#     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: top-k
+#     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
 # } edgemoe_options;
 class edgemoe_options(ctypes.Structure):
     _fields_ = [

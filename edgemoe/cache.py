@@ -101,11 +101,13 @@ class ExpertCache:
         io: "direct", "buffered" or "mmap".
         n_io_threads: 0 for the native default.
         quiet: suppress the native side's notices on stderr.
-        prefetch: "off", or "lookahead": each MoE layer predicts the experts of the next
-            `lookahead` layers with their routers and loads them while it computes.
-        lookahead: layers ahead, 1 to 8.
+        prefetch: "off"; "lookahead": each MoE layer predicts the experts of the next
+            `lookahead` layers with their routers and loads them while it computes; "auto":
+            lookahead where the model's layers can be predicted (two or more MoE layers with
+            routers), else off.
+        lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
         prefetch_top: predicted experts per token to load, the router's most likely first
-            (0: the model's top-k).
+            (0: half of the model's top-k).
     """
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
@@ -117,8 +119,9 @@ class ExpertCache:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(B.POLICIES)}")
         if io not in B.IO_MODES:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(B.IO_MODES)}")
-        if prefetch not in B.PREFETCH_MODES:
-            raise InvalidArgumentError(f"unknown prefetch {prefetch!r}; expected one of {', '.join(B.PREFETCH_MODES)}")
+        if prefetch not in B.PREFETCH_MODES and prefetch != "auto":
+            raise InvalidArgumentError(f"unknown prefetch {prefetch!r}; expected one of auto, "
+                                       f"{', '.join(B.PREFETCH_MODES)}")
         if budget.auto:
             raise InvalidArgumentError("an auto budget is sized by the Engine (edgemoe.auto_budget); "
                                        "give ExpertCache bytes or a fraction")
@@ -129,11 +132,16 @@ class ExpertCache:
         opts.io = B.IO_MODES[io]
         opts.n_io_threads = n_io_threads
         opts.quiet = quiet
-        opts.prefetch = B.PREFETCH_MODES[prefetch]
+        opts.prefetch = B.PREFETCH_MODES["lookahead" if prefetch == "auto" else prefetch]
         opts.lookahead = lookahead
         opts.prefetch_top = prefetch_top
         handle = B.edgemoe_cache_p()
-        B.check(B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle)))
+        status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
+        if prefetch == "auto" and status == B.EDGEMOE_ERR_INVALID_ARG and \
+                B.last_error().startswith("lookahead prefetch"):
+            opts.prefetch = B.EDGEMOE_PREFETCH_OFF  # nothing to predict from: load on demand
+            status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
+        B.check(status)
         self._handle = handle.value
 
     @property

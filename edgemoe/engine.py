@@ -147,10 +147,11 @@ class Engine:
             process may use, or turns it off where every expert fits (edgemoe.auto_budget).
         policy: cache policy, "default", "lru", "lfu" or "belady".
         io: backing store of the cache, "direct", "buffered" or "mmap".
-        prefetch: "off", or "lookahead": each MoE layer applies the next `lookahead` layers'
-            routers to its input and loads the experts they pick while it computes.
-        lookahead: layers ahead, 1 to 8.
-        prefetch_top: predicted experts per token to load, most likely first (0: top-k).
+        prefetch: "off"; "lookahead": each MoE layer applies the next `lookahead` layers'
+            routers to its input and loads the experts they pick while it computes; "auto"
+            (what `edgemoe run` passes): lookahead where the model allows it, else off.
+        lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
+        prefetch_top: predicted experts per token to load, most likely first (0: half of top-k).
         n_threads: compute threads (default: the CPUs this process may use).
         seed: default sampling seed of generate().
         route_recorder: a RouteRecorder to fill through the context's eval callback.

@@ -80,14 +80,14 @@ def _format(value) -> str:
 @click.option("--policy", type=click.Choice(["default", "lru", "lfu"]), default="default", show_default=True)
 @click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
               help="How the cache reads experts.")
-@click.option("--prefetch", type=click.Choice(["off", "lookahead"]), default="off", show_default=True,
+@click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead"]), default="auto", show_default=True,
               help="lookahead: each MoE layer applies the next layers' routers to its input and loads "
-                   "the experts they pick while it computes.")
+                   "the experts they pick while it computes; auto: lookahead where the model allows it.")
 @click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
               help="Layers ahead whose predicted experts --prefetch lookahead loads (0: the predictions "
                    "only steer eviction).")
 @click.option("--prefetch-top", type=click.IntRange(0), default=0, show_default=True,
-              help="Predicted experts per token to load, most likely first (0: the model's top-k).")
+              help="Predicted experts per token to load, most likely first (0: half of the model's top-k).")
 @click.option("--stats", "show_stats", is_flag=True, help="Print timing and cache stats to stderr at the end.")
 @click.option("--stats-json", metavar="FILE", default=None, help="Write the stats as one JSON object.")
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log.")

@@ -38,10 +38,15 @@ needs_cache = pytest.mark.skipif(
 def assert_one_line_error(proc, *needles) -> str:
     """A finished `edgemoe` subprocess failed the way users should see: non-zero exit, one
     `edgemoe: error:` line naming each needle (lower case), no traceback. Returns the line."""
-    assert proc.returncode != 0, proc
-    err = proc.stderr.strip()
-    assert "Traceback" not in proc.stderr
-    assert len(err.splitlines()) == 1, proc.stderr
+    return assert_one_line_error_of(proc.returncode, proc.stderr, *needles)
+
+
+def assert_one_line_error_of(code: int, stderr: str, *needles) -> str:
+    """The same for an exit code and stderr (a command run in-process)."""
+    assert code != 0, (code, stderr)
+    err = stderr.strip()
+    assert "Traceback" not in stderr
+    assert len(err.splitlines()) == 1, stderr
     assert err.startswith("edgemoe: error: "), err
     for needle in needles:
         assert needle in err.lower(), err

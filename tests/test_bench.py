@@ -416,8 +416,8 @@ def test_prefetch_variants_and_the_time_split(edgemoe_env, tmp_path):
     prompts.write_text('{"prompt": "It is a truth universally acknowledged, that"}\n'
                        '{"prompt": "Once upon a time there lived"}\n')
     rows = _json_rows(_bench(["-m", trained, "--prompts", prompts, "-n", 12, "-r", 1, "--expert-cache", "25%",
-                              "--prefetch", "off,lookahead", "--prefetch-top", "0,4", "-o", "json"], edgemoe_env))
-    assert [r["prefetch"] for r in rows] == ["off", "lookahead", "lookahead:1:4"]
+                              "--prefetch", "off,lookahead", "--prefetch-top", "8,2", "-o", "json"], edgemoe_env))
+    assert [r["prefetch"] for r in rows] == ["off", "lookahead:1:8", "lookahead:1:2"]
     off, full, top4 = rows
     assert off["prefetch_issued"] == 0 and off["pred_precision"] is None
     for r in (full, top4):

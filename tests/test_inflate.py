@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, REPO, needs_cache
+from conftest import N_THREADS, REPO, assert_one_line_error_of, needs_cache
 from edgemoe.gguf_header import read_header
 from edgemoe.inflate import PREFIX, inflate
 from edgemoe.info import describe
@@ -39,16 +39,6 @@ def _cli(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _one_line_error(code, err, *needles) -> str:
-    assert code != 0
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgemoe: error: "), err
-    for needle in needles:
-        assert needle in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 def _data(h, t) -> np.ndarray:
@@ -274,7 +264,7 @@ def test_fused_gate_up_widens_both_halves_and_biases(tmp_path):
 ])
 def test_bad_widths_are_refused_whole(tmp_path, capsys, args, needles):
     code, _, err = _cli(capsys, "inflate", DEFAULT, "-o", tmp_path / "out.gguf", *args)
-    _one_line_error(code, err, *needles)
+    assert_one_line_error_of(code, err, *needles)
     assert os.listdir(tmp_path) == []
 
 
@@ -297,6 +287,6 @@ def test_bad_files_are_refused_whole(tmp_path, capsys):
              ([src, "-o", tmp_path], ("is a directory",))]
     for args, needles in cases:
         code, _, err = _cli(capsys, "inflate", *args, "--expert-ff", 64)
-        _one_line_error(code, err, *needles)
+        assert_one_line_error_of(code, err, *needles)
     assert sorted(os.listdir(tmp_path)) == before
     assert filecmp.cmp(src, DEFAULT, shallow=False)

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import HAS_CACHE, TINY
+from conftest import HAS_CACHE, TINY, assert_one_line_error_of
 from edgemoe.info import describe, format_report
 
 
@@ -18,15 +18,6 @@ def _cli(capsys, *args):
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _one_line_error(code, err, *needles):
-    assert code != 0
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgemoe: error: "), err
-    for needle in needles:
-        assert needle in lines[0].lower(), lines[0]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -192,5 +183,5 @@ def test_bad_input(case, tiny_models, tmp_path, capsys):
     elif case == "truncated-data":
         path.write_bytes(src[:len(src) - 4096])
     code, out, err = _cli(capsys, "info", str(path))
-    _one_line_error(code, err, needle)
+    assert_one_line_error_of(code, err, needle)
     assert out == ""

@@ -56,8 +56,8 @@ def _min_budget(path):
     return inspect_model(path).min_budget_bytes
 
 
-@pytest.mark.parametrize("budget, lookahead, top", [("min", 1, 0), ("min", 2, 4), ("25%", 1, 0),
-                                                    ("25%", 3, 0), ("10%", 1, 6), ("100%", 2, 0)])
+@pytest.mark.parametrize("budget, lookahead, top", [("min", 1, 0), ("min", 2, 8), ("25%", 1, 0),
+                                                    ("25%", 3, 8), ("10%", 1, 6), ("100%", 2, 0)])
 def test_logits_identical_with_lookahead(budget, lookahead, top):
     tokens, ref = _reference(TRAINED)
     cache = _min_budget(TRAINED) if budget == "min" else budget
@@ -140,6 +140,23 @@ def test_prefetch_off_names_nothing():
         s = e.cache.stats()
         assert e.cache.info().prefetch == "off"
     assert s.pred_predicted == s.prefetch_issued == s.prefetch_hits == 0
+
+
+def test_auto_is_lookahead_where_it_can_be(model_dir, gpt2_vocab):
+    from edgemoe.synth import SynthConfig, write_model
+
+    with _engine(TRAINED, expert_cache="25%", prefetch="auto") as e:
+        assert e.cache.info().prefetch == "lookahead"
+    path = model_dir / "tiny-qwen3moe-1layer-auto.gguf"
+    write_model(path, SynthConfig(arch="qwen3moe", vocab=str(gpt2_vocab), n_layer=1, n_embd=64, n_ff=128,
+                                  n_ff_exp=64, n_expert=8, n_expert_used=2, n_head=4, n_head_kv=2, seed=9))
+    with _engine(path, expert_cache="50%", prefetch="auto") as e:
+        assert e.cache.info().prefetch == "off"
+
+
+def test_default_top_loads_half_of_top_k():
+    for s in _decode_stats()[1:]:
+        assert 0 < s.prefetch_issued <= N_DECODE * 4
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(prefetch="sometimes"), "unknown prefetch"),

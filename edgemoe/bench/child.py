@@ -80,7 +80,8 @@ class _Runner:
         longest = max((len(p.encode("utf-8")) + 2 for p in spec.prompts), default=0)
         n_ctx = max(n_pp, longest + n_gen, n_gen + 1) + 8
         self.engine = Engine(spec.model, expert_cache=spec.expert_cache, policy=spec.policy or "default",
-                             prefetch=spec.prefetch or "off", lookahead=spec.lookahead,
+                             # replayed routes are not the model's own: nothing to predict them from
+                             prefetch="off" if spec.routes else spec.prefetch or "off", lookahead=spec.lookahead,
                              prefetch_top=spec.prefetch_top,
                              io=spec.io or "direct", n_threads=spec.n_threads, n_ctx=n_ctx,
                              n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=spec.n_gpu_layers,

@@ -20,7 +20,7 @@ from edgemoe.errors import CliError
 
 POLICY_CHOICES = ("default", "lru", "lfu", "belady")
 IO_CHOICES = ("direct", "buffered", "mmap")
-PREFETCH_CHOICES = ("off", "lookahead")
+PREFETCH_CHOICES = ("auto", "off", "lookahead")
 
 
 class _Notices:
@@ -92,12 +92,13 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
               metavar="P[,P]", help=f"Cache policies: {', '.join(POLICY_CHOICES)}.")
 @click.option("--io", "ios", multiple=True, default=("direct",), show_default=True, metavar="IO[,IO]",
               help=f"How the cache reads experts: {', '.join(IO_CHOICES)}.")
-@click.option("--prefetch", "prefetches", multiple=True, default=("off",), show_default=True, metavar="P[,P]",
-              help="Prefetch modes of the cache-on runs: off, lookahead (docs/cache.md).")
+@click.option("--prefetch", "prefetches", multiple=True, default=("auto",), show_default=True, metavar="P[,P]",
+              help="Prefetch modes of the cache-on runs: auto (lookahead where the model allows it), off, "
+                   "lookahead (docs/cache.md).")
 @click.option("--lookahead", "lookaheads", multiple=True, default=("1",), show_default=True, metavar="N[,N]",
               help="Layers ahead whose predicted experts load (0: predictions only steer eviction).")
 @click.option("--prefetch-top", "prefetch_tops", multiple=True, default=("0",), show_default=True,
-              metavar="M[,M]", help="Predicted experts per token to load, most likely first (0: top-k).")
+              metavar="M[,M]", help="Predicted experts per token to load, most likely first (0: half of top-k).")
 @click.option("--baseline", is_flag=True,
               help="Add stock llama.cpp (cache off: mmap and the page cache) under the same limits.")
 @click.option("--mem-limit", metavar="SIZE|auto", default=None,

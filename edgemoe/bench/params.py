@@ -100,12 +100,13 @@ class Config:
 
     @property
     def prefetch_label(self) -> str:
-        """`off`, `lookahead` (one layer ahead, top-k), or `lookahead:D` / `lookahead:D:M`."""
-        if self.prefetch != "lookahead":
+        """`off`, `auto`, `lookahead` (one layer ahead, half of top-k), or `lookahead:D` /
+        `lookahead:D:M`."""
+        if self.prefetch not in ("lookahead", "auto"):
             return self.prefetch or "-"
         if self.prefetch_top:
-            return f"lookahead:{self.lookahead}:{self.prefetch_top}"
-        return "lookahead" if self.lookahead == 1 else f"lookahead:{self.lookahead}"
+            return f"{self.prefetch}:{self.lookahead}:{self.prefetch_top}"
+        return self.prefetch if self.lookahead == 1 else f"{self.prefetch}:{self.lookahead}"
 
     @property
     def label(self) -> str:

@@ -66,7 +66,7 @@ typedef struct edgemoe_options {
     bool    quiet;           // no notices on stderr
     int32_t prefetch;        // enum edgemoe_prefetch
     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
-    int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: top-k
+    int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
 } edgemoe_options;
 
 typedef struct edgemoe_stats {

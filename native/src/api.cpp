@@ -183,7 +183,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         }
         co.lookahead = o.lookahead;
         if (o.prefetch_top < 0) {
-            return fail(EDGEMOE_ERR_INVALID_ARG, "prefetch_top must be 0 (top-k) or more, got " + std::to_string(o.prefetch_top));
+            return fail(EDGEMOE_ERR_INVALID_ARG, "prefetch_top must be 0 (half of top-k) or more, got " + std::to_string(o.prefetch_top));
         }
         co.prefetch_top = o.prefetch_top;
         switch (o.io) {

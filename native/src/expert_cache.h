@@ -36,7 +36,7 @@ struct cache_options {
     bool        quiet           = false;
     prefetch_kind prefetch      = prefetch_kind::off;
     int         lookahead       = 1;   // blocks ahead the predictor prefetches (0: it only steers eviction)
-    int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: top-k)
+    int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: half of top-k)
 };
 
 struct layer_stats {
@@ -162,6 +162,8 @@ private:
     int32_t acquire_slot(pool & p, uint64_t now, bool for_prefetch); // under mu_
     void    evict(pool & p, int32_t s);                            // under mu_
     void    empty_slot(pool & p, int32_t s);                       // under mu_: to EMPTY, a new generation
+    // under mu_: slot s of p now loads expert e of block b, queued behind every demand read
+    void    queue_prefetch(pool & p, int32_t s, int32_t b, int32_t e, uint64_t now, bool predicted);
     bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
     int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
