@@ -260,7 +260,6 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         }
         // enough queued for every block it looks ahead to, not a backlog that outlives its use
         max_predicted_queued_ = (size_t) std::max(8, 2*k*std::max(1, opts.lookahead));
-        predicted_scratch_.reserve((size_t) layout_.n_expert);
         for (auto & bl : blocks_) {
             bl.predicted.reserve((size_t) layout_.n_expert);
         }
@@ -459,7 +458,7 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
     // layer of this token to use, the one expected last first (Belady over what is known);
     // then, for a demand load only, prefetches not used yet. A prefetch takes ordinary slots only.
     p.candidates.clear();
-    int32_t n_wanted = 0, n_prefetched = 0;
+    int32_t wanted_last = -1, n_prefetched = 0;
     for (int32_t s = 0; s < p.n_slots; ++s) {
         const slot & sl = p.slots[s];
         if (sl.state == SLOT_EMPTY) {
@@ -471,7 +470,9 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
         if (sl.prefetched) {
             n_prefetched++;
         } else if (sl.want > now) {
-            n_wanted++;
+            if (wanted_last < 0 || sl.want > p.slots[wanted_last].want) {
+                wanted_last = s;
+            }
         } else {
             p.candidates.push_back(s);
         }
@@ -479,17 +480,9 @@ int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
     if (p.candidates.empty() && for_prefetch) {
         return -1;
     }
-    if (p.candidates.empty() && n_wanted > 0) {
-        int32_t best = -1;
-        for (int32_t s = 0; s < p.n_slots; ++s) {
-            const slot & sl = p.slots[s];
-            if (sl.state == SLOT_READY && sl.pin < now && !sl.prefetched && sl.want > now &&
-                (best < 0 || sl.want > p.slots[best].want)) {
-                best = s;
-            }
-        }
-        evict(p, best);
-        return best;
+    if (p.candidates.empty() && wanted_last >= 0) {
+        evict(p, wanted_last);
+        return wanted_last;
     }
     if (p.candidates.empty() && n_prefetched > 0) {
         // an expert loaded because it is expected soon is a poor victim: only when nothing else is left
@@ -719,7 +712,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
 void expert_cache::judge_predictions(int32_t b) {
     block & bl = blocks_[b];
     layer_stats & st = stats_[bl.layer];
-    if (bl.predicted_valid) {
+    if (!bl.predicted.empty()) {
         // the step's distinct experts have expert_rank >= 0 here
         uint64_t correct = 0;
         for (int32_t e : bl.predicted) {
@@ -728,7 +721,7 @@ void expert_cache::judge_predictions(int32_t b) {
         st.pred_predicted += bl.predicted.size();
         st.pred_correct   += correct;
         st.pred_actual    += bl.distinct.size();
-        bl.predicted_valid = false;
+        bl.predicted.clear();
     }
     if (!predictor_) {
         return;
@@ -772,7 +765,6 @@ int32_t expert_cache::predict_ahead(int32_t b, const ggml_tensor * hidden, uint6
         }
         tb.predicted.clear();
         predictor_->predict(b, d, (const float *) hidden->data, n_rows, hidden->nb[1], tb.predicted);
-        tb.predicted_valid = true;
         pool & p = pools_[tb.pool];
         for (int32_t e : tb.predicted) {
             const int32_t s = tb.slot_of[e];

@@ -144,8 +144,7 @@ private:
         std::deque<int32_t> routes;              // external routes, k per token
         int32_t routes_k = 0;
         // what the predictor expects this block's next step to use (set by earlier blocks)
-        std::vector<int32_t> predicted;
-        bool predicted_valid = false;
+        std::vector<int32_t> predicted;          // cleared when its step has judged it
     };
 
     struct io_job {
@@ -198,7 +197,6 @@ private:
     size_t max_predicted_queued_ = 0;   // the predictor's share of that queue (throttle)
 
     std::unique_ptr<lookahead_predictor> predictor_;
-    std::vector<int32_t> predicted_scratch_;
 
     std::mutex              wait_mu_;   // remap_wait's sleep
     std::condition_variable wait_cv_;
