@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from floors import direct_bandwidth, expert_slices, io_floor, routing_stats  # noqa: E402
-from sweep import bench, rows_of, save  # noqa: E402
+from sweep import bench, rows_of, save, warm_compute_ms  # noqa: E402
 
 from edgemoe.cpus import default_threads  # noqa: E402
 
@@ -156,7 +156,7 @@ def main() -> int:
         save(results, args.out)
 
     log("measuring O_DIRECT bandwidth ...")
-    results["bandwidth_gbps"], results["bandwidth_samples_gbps"] = bandwidth(model, args.bandwidth_runs)
+    results["bandwidth_gbps"], results["bandwidth_samples_gbps"] = bandwidth(model, args.bandwidth_runs, slices)
     log("recording the routes of the cold runs' text ...")
     routes, reference = record_routes(model, prompts, args)
     results["routes"] = [r.tolist() for r in routes]
@@ -169,21 +169,12 @@ def main() -> int:
     return 0
 
 
-def bandwidth(model: str, runs: int) -> tuple:
+def bandwidth(model: str, runs: int, slices=None) -> tuple:
     """The median of `runs` O_DIRECT measurements (2 GiB of whole experts, 4 threads each): this
     disk is shared, and one measurement can be off by 2x."""
-    slices, _ = expert_slices(model)
+    slices = slices if slices is not None else expert_slices(model)[0]
     samples = [direct_bandwidth(model, slices, 2 << 30) for _ in range(max(1, runs))]
     return float(np.median(samples)), samples
-
-
-def warm_compute_ms(results: dict) -> float:
-    """A decode step with every expert resident: the median token of edgemoe's warm 100 % runs
-    (or, without them, of stock at 50 % cold, an upper bound)."""
-    test = f"prompt+tg{results['args']['n_gen']}"
-    full = rows_of(results.get("warm", []), test, expert_cache="100%", status="ok")
-    tokens = [t for r in full for rep in r["samples_tpot_ms"] for t in rep]
-    return float(np.median(tokens)) if tokens else float("nan")
 
 
 def prompt_lengths(results: dict) -> list:
@@ -202,7 +193,7 @@ def floors(results: dict, routes: list) -> dict:
     recorded routes, and the floors they imply."""
     n_gen = int(results["args"]["n_gen"])
     test = f"prompt+tg{n_gen}"
-    compute_ms = warm_compute_ms(results)
+    compute_ms = warm_compute_ms(results, test)
     lens = prompt_lengths(results)
     per_run = [routing_stats([np.asarray(r)], results["n_expert"], p) for r, p in zip(routes, lens)]
     routing = {key: float(np.mean([s[key] for s in per_run if s[key] is not None])) for key in per_run[0]}

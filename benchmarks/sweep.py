@@ -199,12 +199,12 @@ def floors(results: dict, routes: list, args, kind: str) -> dict:
     return out
 
 
-def warm_compute_ms(results: dict) -> float:
+def warm_compute_ms(results: dict, test: str = "") -> float:
     """The compute time of a decode step with every expert resident: the median token of
-    edgemoe's warm 100 % runs (a median, because other work on this machine stalls some tokens
-    by seconds)."""
-    tg = f"tg{results['args']['n_gen']}"
-    full = rows_of(results["warm"], tg, expert_cache="100%", status="ok")
+    edgemoe's warm 100 % runs of `test` (default tg<n_gen>; a median, because other work on this
+    machine stalls some tokens by seconds)."""
+    test = test or f"tg{results['args']['n_gen']}"
+    full = rows_of(results.get("warm", []), test, expert_cache="100%", status="ok")
     tokens = [t for r in full for rep in r["samples_tpot_ms"] for t in rep]
     return float(np.median(tokens)) if tokens else float("nan")
 
