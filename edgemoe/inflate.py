@@ -30,13 +30,13 @@ import gguf
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VT
 
-from edgemoe.errors import ConvertError, EdgemoeError
-from edgemoe.errors import CliError
+from edgemoe.convert import DEFAULT_ALIGN
+from edgemoe.convert.writer import tensor_nbytes
+from edgemoe.errors import CliError, ConvertError, EdgemoeError
+from edgemoe.info import INFLATE_PREFIX as PREFIX
 
 PathLike = Union[str, os.PathLike]
-DEFAULT_ALIGN = 4096
 PAGE = 4096          # O_DIRECT's unit: --size picks N whose expert slices are whole pages
-PREFIX = "edgemoe.inflate."
 FILL_STD_FALLBACK = 0.02
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)$")
@@ -90,11 +90,6 @@ def _widened_shape(role: str, kind: str, np_shape: Tuple[int, ...], n_ff: int) -
     return np_shape[:-2] + (rows, np_shape[-1])
 
 
-def _nbytes(np_shape: Tuple[int, ...], qtype: QType) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return math.prod(np_shape) // block * size
-
-
 def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
@@ -117,7 +112,7 @@ class _Plan:
     def slice_bytes(self, e: _Expert, n_ff: int) -> int:
         t = self.tensors[e.index]
         shape = _widened_shape(e.role, e.kind, t.np_shape, n_ff)
-        return _nbytes(shape, t.qtype) // shape[0]
+        return tensor_nbytes(shape, t.qtype) // shape[0]
 
 
 def _plan(src: str) -> _Plan:
@@ -285,7 +280,7 @@ def _producer(p: _Plan, e: _Expert, n_ff: int, seed: int) -> Callable[[], np.nda
         if e.role == "down":     # (n_expert, n_embd, n_ff): whole zero blocks after each row
             n_embd = t.np_shape[1]
             src = _as_rows(data, n_expert, n_embd)
-            row_bytes = _nbytes((n_ff,), t.qtype)
+            row_bytes = tensor_nbytes((n_ff,), t.qtype)
             out = np.zeros((n_expert, n_embd, row_bytes), dtype=np.uint8)
             out[:, :, :src.shape[2]] = src
             return out
@@ -353,7 +348,7 @@ def _file_bytes(p: _Plan, header: int, n_ff: int, align: int) -> int:
     total = header
     for i, t in enumerate(p.tensors):
         shape = t.np_shape if i not in widened else _widened_shape(widened[i].role, widened[i].kind, t.np_shape, n_ff)
-        total += _pad(_nbytes(shape, t.qtype), align)
+        total += _pad(tensor_nbytes(shape, t.qtype), align)
     return total
 
 
@@ -458,13 +453,12 @@ def _parse_size(value: str) -> int:
     from edgemoe.budget import parse_budget
     from edgemoe.errors import BudgetParseError
 
-    text = value.strip()
-    if text.endswith("%") or text.lower() in ("off", "none", "no", "disabled"):
-        raise ConvertError(f"--size {value!r} must be bytes (examples: 3.5GB, 1.5GiB, 800MiB)")
     try:
-        budget = parse_budget(text)
+        budget = parse_budget(value.strip())
     except BudgetParseError:
         raise ConvertError(f"invalid --size {value!r} (examples: 3.5GB, 1.5GiB, 800MiB)") from None
+    if budget is None or budget.bytes is None:  # off, a percentage, auto: not a size
+        raise ConvertError(f"--size {value!r} must be bytes (examples: 3.5GB, 1.5GiB, 800MiB)")
     return budget.bytes
 
 

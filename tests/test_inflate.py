@@ -259,6 +259,7 @@ def test_fused_gate_up_widens_both_halves_and_biases(tmp_path):
     (["--expert-ff", "32"], ("above the source's expert width 32",)),
     (["--size", "25%"], ("must be bytes",)),
     (["--size", "off"], ("must be bytes",)),
+    (["--size", "auto"], ("must be bytes",)),
     (["--size", "lots"], ("invalid --size",)),
     (["--expert-ff", "64", "--align", "1000"], ("power of two",)),
 ])
