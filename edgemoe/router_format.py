@@ -24,7 +24,7 @@ from edgemoe.errors import RouterFormatError
 PREFIX = "edgemoe.router."
 FORMAT_VERSION = 1
 KINDS = ("readme", "predictor")
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATIONS = ("silu", "gelu", "relu")
 
 # key suffix -> (attribute of RouterHParams, GGUF value type)
 _HPARAM_KEYS = {
@@ -40,6 +40,10 @@ _HPARAM_KEYS = {
     "activation": ("activation", VT.STRING),
     "choice_count": ("n_choice", VT.UINT32),
     "top_k": ("top_k", VT.UINT32),
+}
+# optional keys: absent in a file means the default stated in docs/router-format.md
+_OPTIONAL_KEYS = {
+    "attention.scale": ("attention_scale", VT.FLOAT32),
 }
 
 
@@ -59,15 +63,22 @@ class RouterHParams:
     activation: str
     n_choice: int
     top_k: int
+    attention_scale: Optional[float] = None  # factor on q·k; None: 1/sqrt(head_dim)
 
     def __post_init__(self):
         # stored as f32 in files: keep the values a file round trip gives back
-        for name in ("rope_freq_base", "rms_eps"):
-            object.__setattr__(self, name, float(np.float32(getattr(self, name))))
+        for name in ("rope_freq_base", "rms_eps", "attention_scale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(np.float32(getattr(self, name))))
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kq_scale(self) -> float:
+        """The factor on q·k before the softmax."""
+        return self.attention_scale if self.attention_scale is not None else 1.0 / float(np.sqrt(self.head_dim))
 
 
 def weight_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
@@ -133,6 +144,8 @@ class Router:
             raise RouterFormatError(f"router activation {hp.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if hp.n_head <= 0 or hp.n_embd % hp.n_head or hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:
             raise RouterFormatError(f"router heads {hp.n_head}/{hp.n_head_kv} do not divide width {hp.n_embd}")
+        if hp.attention_scale is not None and not (np.isfinite(hp.attention_scale) and hp.attention_scale > 0):
+            raise RouterFormatError(f"router attention.scale {hp.attention_scale} is not a positive number")
         if not 1 <= hp.top_k <= hp.n_choice:
             raise RouterFormatError(f"router top_k {hp.top_k} is outside 1..{hp.n_choice}")
         if self.layers.ndim != 1 or len(self.layers) == 0:
@@ -187,6 +200,9 @@ class Router:
         ]
         for suffix, (attr, vtype) in _HPARAM_KEYS.items():
             items.append((PREFIX + suffix, getattr(self.hparams, attr), vtype))
+        for suffix, (attr, vtype) in _OPTIONAL_KEYS.items():
+            if getattr(self.hparams, attr) is not None:
+                items.append((PREFIX + suffix, getattr(self.hparams, attr), vtype))
         return items
 
     def tensor_items(self) -> Iterator[Tuple[str, np.ndarray]]:
@@ -214,6 +230,9 @@ def _from_parts(keys: Dict[str, object], tensors: Dict[str, np.ndarray], where: 
         for suffix, (attr, vtype) in _HPARAM_KEYS.items():
             v = need(suffix)
             values[attr] = str(v) if vtype == VT.STRING else float(v) if vtype == VT.FLOAT32 else int(v)
+        for suffix, (attr, vtype) in _OPTIONAL_KEYS.items():
+            if PREFIX + suffix in keys:
+                values[attr] = float(keys[PREFIX + suffix])
         hp = RouterHParams(**values)
         weights = {}
         for name, arr in tensors.items():
