@@ -102,6 +102,24 @@ def weight_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+def bias_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
+    """The optional bias tensors (name without the prefix) and their shapes; an absent one is zero."""
+    kv = hp.n_head_kv * hp.head_dim
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for i in range(hp.n_layer):
+        b = f"blk.{i}."
+        shapes.update({
+            b + "attn_q.bias": (hp.n_embd,),
+            b + "attn_k.bias": (kv,),
+            b + "attn_v.bias": (kv,),
+            b + "attn_output.bias": (hp.n_embd,),
+            b + "ffn_up.bias": (hp.n_ff,),
+            b + "ffn_down.bias": (hp.n_embd,),
+        })
+    shapes["head.bias"] = (hp.n_choice,)
+    return shapes
+
+
 @dataclass(frozen=True)
 class Backbone:
     """What a router must agree with in the model it routes."""
@@ -162,7 +180,11 @@ class Router:
             if tuple(self.weights[name].shape) != shape:
                 raise RouterFormatError(
                     f"router tensor {PREFIX}{name} has shape {list(self.weights[name].shape)}, expected {list(shape)}")
-        extra = sorted(set(self.weights) - set(expected))
+        for name, shape in bias_shapes(hp).items():
+            if name in self.weights and tuple(self.weights[name].shape) != shape:
+                raise RouterFormatError(
+                    f"router tensor {PREFIX}{name} has shape {list(self.weights[name].shape)}, expected {list(shape)}")
+        extra = sorted(set(self.weights) - set(expected) - set(bias_shapes(hp)))
         if extra:
             raise RouterFormatError(f"unknown router tensor {PREFIX}{extra[0]}")
 
@@ -206,9 +228,13 @@ class Router:
         return items
 
     def tensor_items(self) -> Iterator[Tuple[str, np.ndarray]]:
-        """Every router tensor, full names: weights (f32 or f16) then the two index tensors."""
+        """Every router tensor, full names: weights (f32 or f16), the biases it has, then the two
+        index tensors."""
         for name in weight_shapes(self.hparams):
             yield PREFIX + name, self.weights[name]
+        for name in bias_shapes(self.hparams):
+            if name in self.weights:
+                yield PREFIX + name, self.weights[name]
         yield PREFIX + "layers", np.ascontiguousarray(self.layers, dtype=np.int32)
         yield PREFIX + "choice_experts", np.ascontiguousarray(self.choice_experts, dtype=np.int32)
 

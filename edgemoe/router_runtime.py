@@ -8,7 +8,7 @@ multiply-adds per token, well under the backbone's time (BENCHMARKS.md has the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -36,6 +36,15 @@ class _Block:
     ffn_norm: np.ndarray
     up: np.ndarray        # [n_embd, n_ff]
     down: np.ndarray      # [n_ff, n_embd]
+    # optional biases (Read-ME's linears have them); None: the file has none, nothing is added
+    bqkv: Optional[np.ndarray] = None
+    bo: Optional[np.ndarray] = None
+    b_up: Optional[np.ndarray] = None
+    b_down: Optional[np.ndarray] = None
+
+
+def _plus(x: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
+    return x if bias is None else x + bias
 
 
 class RouterRuntime:
@@ -49,8 +58,14 @@ class RouterRuntime:
         w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in router.weights.items()}
         self._embd = w["token_embd.weight"]
         self._blocks: List[_Block] = []
+        kv = hp.n_head_kv * hp.head_dim
         for i in range(hp.n_layer):
             b = f"blk.{i}."
+            bqkv = None
+            if any(b + n in w for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias")):
+                bqkv = np.concatenate([w.get(b + "attn_q.bias", np.zeros(hp.n_embd, np.float32)),
+                                       w.get(b + "attn_k.bias", np.zeros(kv, np.float32)),
+                                       w.get(b + "attn_v.bias", np.zeros(kv, np.float32))])
             self._blocks.append(_Block(
                 attn_norm=w[b + "attn_norm.weight"],
                 wqkv=np.ascontiguousarray(np.concatenate(
@@ -58,9 +73,12 @@ class RouterRuntime:
                 wo=np.ascontiguousarray(w[b + "attn_output.weight"].T),
                 ffn_norm=w[b + "ffn_norm.weight"],
                 up=np.ascontiguousarray(w[b + "ffn_up.weight"].T),
-                down=np.ascontiguousarray(w[b + "ffn_down.weight"].T)))
+                down=np.ascontiguousarray(w[b + "ffn_down.weight"].T),
+                bqkv=bqkv, bo=w.get(b + "attn_output.bias"), b_up=w.get(b + "ffn_up.bias"),
+                b_down=w.get(b + "ffn_down.bias")))
         self._out_norm = w["output_norm.weight"]
         self._head = np.ascontiguousarray(w["head.weight"].T)
+        self._head_bias = w.get("head.bias")
         hd = hp.head_dim
         half = hd // 2
         self._inv_freq = (np.float64(hp.rope_freq_base) ** (-np.arange(half, dtype=np.float64) * 2.0 / hd))
@@ -116,7 +134,7 @@ class RouterRuntime:
         h = self._embd[toks]
         for i, blk in enumerate(self._blocks):
             a = _rmsnorm(h, blk.attn_norm, hp.rms_eps)
-            qkv = a @ blk.wqkv
+            qkv = _plus(a @ blk.wqkv, blk.bqkv)
             q = self._rope(qkv[:, :hp.n_embd].reshape(t, nh, hd), pos)
             k = self._rope(qkv[:, hp.n_embd:hp.n_embd + kv].reshape(t, nkv, hd), pos)
             v = qkv[:, hp.n_embd + kv:].reshape(t, nkv, hd)
@@ -129,11 +147,11 @@ class RouterRuntime:
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
             o = (s.reshape(nkv, self._group * t, p0 + t) @ vals).reshape(nh, t, hd)
-            h = h + o.transpose(1, 0, 2).reshape(t, hp.n_embd) @ blk.wo
+            h = h + _plus(o.transpose(1, 0, 2).reshape(t, hp.n_embd) @ blk.wo, blk.bo)
             m = _rmsnorm(h, blk.ffn_norm, hp.rms_eps)
-            h = h + _act(m @ blk.up, hp.activation) @ blk.down
+            h = h + _plus(_act(_plus(m @ blk.up, blk.b_up), hp.activation) @ blk.down, blk.b_down)
         self.n_past = p0 + t
-        return _rmsnorm(h, self._out_norm, hp.rms_eps) @ self._head
+        return _plus(_rmsnorm(h, self._out_norm, hp.rms_eps) @ self._head, self._head_bias)
 
     def choices(self, logits: np.ndarray) -> np.ndarray:
         """The top_k choices per token, best first; equal logits: the lower id first. [T, top_k]"""
