@@ -33,6 +33,7 @@ EDGEMOE_POLICY_BELADY = 3
 # enum edgemoe_prefetch
 EDGEMOE_PREFETCH_OFF = 0
 EDGEMOE_PREFETCH_LOOKAHEAD = 1
+EDGEMOE_PREFETCH_ROUTES = 2
 
 # enum edgemoe_io
 EDGEMOE_IO_DIRECT = 0
@@ -42,7 +43,8 @@ EDGEMOE_IO_MMAP = 2
 POLICIES = {"default": EDGEMOE_POLICY_DEFAULT, "lru": EDGEMOE_POLICY_LRU,
             "lfu": EDGEMOE_POLICY_LFU, "belady": EDGEMOE_POLICY_BELADY}
 IO_MODES = {"direct": EDGEMOE_IO_DIRECT, "buffered": EDGEMOE_IO_BUFFERED, "mmap": EDGEMOE_IO_MMAP}
-PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOOKAHEAD}
+PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOOKAHEAD,
+                  "routes": EDGEMOE_PREFETCH_ROUTES}
 
 
 # typedef struct edgemoe_options {
@@ -226,6 +228,12 @@ def edgemoe_cache_prefetch(cache, layer: int, experts, n: int, /) -> int: ...
 @_native("edgemoe_cache_set_routes",
          [edgemoe_cache_p, ctypes.c_int32, int32_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int)
 def edgemoe_cache_set_routes(cache, layer: int, ids, n_tokens: int, k: int, /) -> int: ...
+
+
+# EDGEMOE_API int edgemoe_cache_set_routes_all(edgemoe_cache * cache, const int32_t * ids, int32_t n_tokens, int32_t n_moe_layer, int32_t k);
+@_native("edgemoe_cache_set_routes_all",
+         [edgemoe_cache_p, int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int)
+def edgemoe_cache_set_routes_all(cache, ids, n_tokens: int, n_moe_layer: int, k: int, /) -> int: ...
 
 
 # EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);

@@ -104,7 +104,8 @@ class ExpertCache:
         prefetch: "off"; "lookahead": each MoE layer predicts the experts of the next
             `lookahead` layers with their routers and loads them while it computes; "auto":
             lookahead where the model's layers can be predicted (two or more MoE layers with
-            routers), else off.
+            routers), else off; "routes": the routes queued with set_routes / set_routes_all
+            load ahead in order of first use (router-decoupled models).
         lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
         prefetch_top: predicted experts per token to load, the router's most likely first
             (0: half of the model's top-k).
@@ -186,6 +187,15 @@ class ExpertCache:
             raise InvalidArgumentError("routes must be a [n_tokens, k] array")
         ptr = arr.ctypes.data_as(B.int32_p)
         B.check(B.edgemoe_cache_set_routes(self.handle, layer, ptr, arr.shape[0], arr.shape[1]))
+
+    def set_routes_all(self, routes) -> None:
+        """routes: [n_tokens][n_moe_layer][k] expert ids, every MoE layer in model order; with
+        prefetch "routes" they start loading at once, in order of first use."""
+        arr = np.ascontiguousarray(routes, dtype=np.int32)
+        if arr.ndim != 3:
+            raise InvalidArgumentError("routes must be a [n_tokens, n_moe_layer, k] array")
+        ptr = arr.ctypes.data_as(B.int32_p)
+        B.check(B.edgemoe_cache_set_routes_all(self.handle, ptr, arr.shape[0], arr.shape[1], arr.shape[2]))
 
     def clear_routes(self) -> None:
         B.check(B.edgemoe_cache_clear_routes(self.handle))

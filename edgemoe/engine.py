@@ -22,6 +22,8 @@ from edgemoe.budget import Budget, parse_budget
 from edgemoe.cache import CacheStats, ExpertCache
 from edgemoe.errors import (ContextFullError, DecodeError, InvalidArgumentError, ModelLoadError,
                             NoExpertsError, StateError)
+from edgemoe.model_router import read_model_router
+from edgemoe.router_runtime import RouterRuntime
 
 # The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
 LAZY_EXPERTS_KEY = b"edgemoe.cache.lazy_experts"
@@ -58,6 +60,7 @@ class TokenBreakdown:
     stall_ms: float
     cache_ms: float
     predict_ms: float
+    router_ms: float
     bytes_read: float
     prefetch_hits: float
     prefetch_wasted: float
@@ -90,6 +93,7 @@ class EngineStats:
     stall_ms: float = 0.0
     cache_ms: float = 0.0
     predict_ms: float = 0.0
+    router_ms: float = 0.0      # the readme router over every token since reset_stats()
     expert_cache_bytes: int = 0
     peak_rss_bytes: int = 0
     n_prompt_tokens: int = 0
@@ -145,11 +149,15 @@ class Engine:
         expert_cache: None/"off" for no cache; bytes (int), or a string such as "800MiB",
             "1.5GiB" or "25%" (of all expert bytes); "auto" sizes it from the memory this
             process may use, or turns it off where every expert fits (edgemoe.auto_budget).
-        policy: cache policy, "default", "lru", "lfu" or "belady".
+        policy: cache policy, "default", "lru", "lfu", "belady", or "auto": belady for a
+            model with a readme router whose routes load ahead, else "default".
         io: backing store of the cache, "direct", "buffered" or "mmap".
         prefetch: "off"; "lookahead": each MoE layer applies the next `lookahead` layers'
-            routers to its input and loads the experts they pick while it computes; "auto"
-            (what `edgemoe run` passes): lookahead where the model allows it, else off.
+            routers to its input and loads the experts they pick while it computes; "routes":
+            a readme router's routes, computed before each decode, load ahead in order of
+            first use; "auto" (what `edgemoe run` passes): routes for a model with a readme
+            router, else lookahead where the model allows it, else off. With a readme router
+            and "off", its routes are still obeyed but load when their layer runs.
         lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
         prefetch_top: predicted experts per token to load, most likely first (0: half of top-k).
         n_threads: compute threads (default: the CPUs this process may use).
@@ -162,7 +170,7 @@ class Engine:
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
-                 policy: str = "default", io: str = "direct", n_threads: Optional[int] = None,
+                 policy: str = "auto", io: str = "direct", n_threads: Optional[int] = None,
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
                  notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
@@ -184,13 +192,18 @@ class Engine:
         if kv_type not in _KV_TYPES:
             raise InvalidArgumentError(f"unknown kv_type {kv_type!r}; expected one of {', '.join(_KV_TYPES)}")
         self._kv_type = _KV_TYPES[kv_type]
-        if policy not in POLICIES:
-            raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        if policy not in POLICIES and policy != "auto":
+            raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of auto, {', '.join(POLICIES)}")
         if io not in IO_MODES:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(IO_MODES)}")
         budget = parse_budget(expert_cache)
         log.install(verbose)
         check_model_file(self.model_path)
+        # a readme router's choices are the routes: it runs here, before each decode
+        router = read_model_router(self.model_path).readme
+        self._router: Optional[RouterRuntime] = None
+        self._router_ms = 0.0
+        prefetch, policy = self._router_modes(router is not None, prefetch, policy)
         self.auto_budget = None  # with expert_cache="auto": how the budget was derived (AutoBudget)
         if budget is not None and budget.auto:
             from edgemoe.auto_budget import derive_auto_budget
@@ -199,6 +212,11 @@ class Engine:
                                                   kv_type=kv_type, flash_attn=kv_type != "f32")
             self._notice(self.auto_budget.describe())
             budget = self.auto_budget.budget
+        if router is not None and budget is None:
+            # routes are obeyed through the cache's graph hook: it stays on, holding every expert
+            self._notice("notice: a readme model's routes come from its router through the expert cache; "
+                         "the cache stays on at 100 %")
+            budget = parse_budget("100%")
 
         try:
             if budget is not None:
@@ -228,8 +246,25 @@ class Engine:
         self.n_layer = llama.llama_model_n_layer(self._model)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self._n_past = 0
+        if router is not None:
+            self._router = RouterRuntime(router)
 
     # -- setup ------------------------------------------------------------------------
+
+    @staticmethod
+    def _router_modes(readme: bool, prefetch: str, policy: str):
+        """The prefetch mode and policy to use, given whether the model has a readme router."""
+        if readme:
+            if prefetch == "lookahead":
+                raise InvalidArgumentError("a readme model's routes are known before each token: --prefetch "
+                                           "lookahead does not apply (auto loads its routes ahead, off on demand)")
+            prefetch = "routes" if prefetch in ("auto", "routes") else prefetch
+        elif prefetch == "routes":
+            raise InvalidArgumentError("--prefetch routes needs a model with a readme router "
+                                       "(docs/router-format.md)")
+        if policy == "auto":
+            policy = "belady" if prefetch == "routes" else "default"
+        return prefetch, policy
 
     def _load_model(self, n_gpu_layers: int) -> None:
         params = llama.llama_model_default_params()
@@ -395,15 +430,32 @@ class Engine:
                 b.seq_id[i][0] = 0
                 b.logits[i] = all_logits or (last_chunk and i == n - 1)
             b.n_tokens = n
+            if self._router is not None:
+                self._hand_routes(chunk)
             rc = llama.llama_decode(self._ctx, b)
             if rc != 0:
                 reason = log.take_error()
+                if self._router is not None:
+                    self._cache.clear_routes()  # the failed batch's routes must not feed the next one
                 raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
             self._n_past += n
             if out is not None:
                 # every token of the chunk is an output: its logits are rows 0..n-1, in order
                 ptr = llama.llama_get_logits(self._ctx)
                 out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+
+    def _hand_routes(self, chunk: Sequence[int]) -> None:
+        """Runs the router over the chunk (one step per token, its own KV cache) and queues
+        every token's experts for every MoE layer before the backbone sees the chunk."""
+        t = time.perf_counter()
+        routes = self._router.routes(chunk)
+        self._router_ms += (time.perf_counter() - t) * 1e3
+        self._cache.set_routes_all(routes)
+
+    @property
+    def router(self) -> Optional[RouterRuntime]:
+        """The readme router that picks this model's experts, or None."""
+        return self._router
 
     def eval(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab].
@@ -427,6 +479,9 @@ class Engine:
         self._live()
         llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
         self._n_past = 0
+        if self._router is not None:
+            self._router.reset()
+            self._cache.clear_routes()
 
     # -- generation -------------------------------------------------------------------
 
@@ -485,6 +540,7 @@ class Engine:
         self._ttft_ms = (time.perf_counter() - t0) * 1e3  # the clock stops at the first token
         # the decode steps' share of the cache counters starts here
         self._decode_from = self._cache.stats(-1) if self._cache is not None else None
+        self._decode_from_router_ms = self._router_ms
         while not llama.llama_vocab_is_eog(self._vocab, token):
             self._n_generated += 1
             yield token
@@ -515,11 +571,13 @@ class Engine:
         self._n_prompt = 0
         self._n_generated = 0
         self._decode_from: Optional[CacheStats] = None
+        self._decode_from_router_ms = 0.0
         self._decode_cpu_s = 0.0
 
     def reset_stats(self) -> None:
         self._live()
         self._reset_timings()
+        self._router_ms = 0.0
         if self._cache is not None:
             self._cache.reset_stats()
 
@@ -551,7 +609,8 @@ class Engine:
                                          read_ms=s.read_ms, stall_ms=s.stall_ms, hit_rate=s.hit_rate,
                                          prefetch_issued=s.prefetch_issued, pred_precision=s.pred_precision,
                                          pred_recall=s.pred_recall, cache_ms=s.book_ms, predict_ms=s.predict_ms))
-        return EngineStats(ttft_ms=self._ttft_ms, **timing, **cache, peak_rss_bytes=_peak_rss_bytes(),
+        return EngineStats(ttft_ms=self._ttft_ms, **timing, **cache, router_ms=self._router_ms,
+                           peak_rss_bytes=_peak_rss_bytes(),
                            n_prompt_tokens=self._n_prompt, n_generated=self._n_generated,
                            per_token=self._breakdown(tpot, total), layers=layers)
 
@@ -567,8 +626,9 @@ class Engine:
         stall = (now.stall_ms - start.stall_ms) / n
         cache = (now.book_ms - start.book_ms) / n
         predict = (now.predict_ms - start.predict_ms) / n
-        return TokenBreakdown(tpot_ms=tpot_ms, compute_ms=max(0.0, tpot_ms - stall - cache - predict),
-                              stall_ms=stall, cache_ms=cache, predict_ms=predict,
+        router = (self._router_ms - self._decode_from_router_ms) / n
+        return TokenBreakdown(tpot_ms=tpot_ms, compute_ms=max(0.0, tpot_ms - stall - cache - predict - router),
+                              stall_ms=stall, cache_ms=cache, predict_ms=predict, router_ms=router,
                               bytes_read=(now.bytes_read - start.bytes_read) / n,
                               prefetch_hits=(now.prefetch_hits - start.prefetch_hits) / n,
                               prefetch_wasted=(now.prefetch_wasted - start.prefetch_wasted) / n,

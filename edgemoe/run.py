@@ -20,6 +20,8 @@ STATS_FIELDS = ("ttft_ms", "tpot_ms", "tokens_per_s", "hit_rate", "hits", "misse
                 "bytes_read", "stall_ms", "peak_rss_bytes", "compute_ms_per_token", "stall_ms_per_token",
                 "cache_ms_per_token", "predict_ms_per_token", "bytes_read_per_token", "cpu_s_per_token")
 PREFETCH_FIELDS = ("prefetch_hits_per_token", "prefetch_wasted_per_token", "pred_precision", "pred_recall")
+# a model with a readme router: its time, and what loading its routes ahead did
+ROUTER_FIELDS = ("router_ms_per_token", "prefetch_hits_per_token", "prefetch_wasted_per_token")
 
 
 class _JsonOut:
@@ -77,12 +79,18 @@ def _format(value) -> str:
               help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
                    "the memory this process may use; off where every expert fits; prints how) or off "
                    "(stock llama.cpp).")
-@click.option("--policy", type=click.Choice(["default", "lru", "lfu"]), default="default", show_default=True)
+@click.option("--policy", type=click.Choice(["auto", "default", "lru", "lfu", "belady"]), default="auto",
+              show_default=True,
+              help="Eviction policy; auto: belady for a model with a readme router (its routes are "
+                   "known ahead), else default.")
 @click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
               help="How the cache reads experts.")
-@click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead"]), default="auto", show_default=True,
-              help="lookahead: each MoE layer applies the next layers' routers to its input and loads "
-                   "the experts they pick while it computes; auto: lookahead where the model allows it.")
+@click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead", "routes"]), default="auto",
+              show_default=True,
+              help="routes: a readme router's routes load ahead in order of first use; lookahead: each MoE "
+                   "layer applies the next layers' routers to its input and loads the experts they pick "
+                   "while it computes; auto: routes for a readme model, else lookahead where the model "
+                   "allows it; off: on demand (a readme model still obeys its router).")
 @click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
               help="Layers ahead whose predicted experts --prefetch lookahead loads (0: the predictions "
                    "only steer eviction).")
@@ -121,8 +129,11 @@ def run(model_path: Optional[str], prompt: str, n_predict: int, threads: Optiona
         full = engine.stats()
         stats = full.summary()
         if show_stats:
-            names = STATS_FIELDS + (PREFETCH_FIELDS if prefetch != "off" and engine.cache is not None else ())
-            for name in names:
+            if engine.router is not None:
+                names = STATS_FIELDS + ROUTER_FIELDS
+            else:
+                names = STATS_FIELDS + (PREFETCH_FIELDS if prefetch != "off" and engine.cache is not None else ())
+            for name in dict.fromkeys(names):
                 if name in stats:
                     click.echo(f"{name}: {_format(stats[name])}", err=True)
         if json_out is not None:

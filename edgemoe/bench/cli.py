@@ -18,9 +18,9 @@ from edgemoe.cpus import default_threads
 from edgemoe.errors import EdgemoeError
 from edgemoe.errors import CliError
 
-POLICY_CHOICES = ("default", "lru", "lfu", "belady")
+POLICY_CHOICES = ("default", "lru", "lfu", "belady", "auto")
 IO_CHOICES = ("direct", "buffered", "mmap")
-PREFETCH_CHOICES = ("auto", "off", "lookahead")
+PREFETCH_CHOICES = ("auto", "off", "lookahead", "routes")
 
 
 class _Notices:
@@ -89,12 +89,13 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
               help="Budgets: bytes (800MiB), a share of expert bytes (25%), auto (sized in each child from its "
                    "memory limit, or MemAvailable), or off.")
 @click.option("--policy", "policies", multiple=True, default=("default",), show_default=True,
-              metavar="P[,P]", help=f"Cache policies: {', '.join(POLICY_CHOICES)}.")
+              metavar="P[,P]", help=f"Cache policies: {', '.join(POLICY_CHOICES)} (auto: belady for a model "
+                                    "with a readme router, else default).")
 @click.option("--io", "ios", multiple=True, default=("direct",), show_default=True, metavar="IO[,IO]",
               help=f"How the cache reads experts: {', '.join(IO_CHOICES)}.")
 @click.option("--prefetch", "prefetches", multiple=True, default=("auto",), show_default=True, metavar="P[,P]",
-              help="Prefetch modes of the cache-on runs: auto (lookahead where the model allows it), off, "
-                   "lookahead (docs/cache.md).")
+              help="Prefetch modes of the cache-on runs: auto (routes for a model with a readme router, else "
+                   "lookahead where the model allows it), off, lookahead, routes (docs/cache.md).")
 @click.option("--lookahead", "lookaheads", multiple=True, default=("1",), show_default=True, metavar="N[,N]",
               help="Layers ahead whose predicted experts load (0: predictions only steer eviction).")
 @click.option("--prefetch-top", "prefetch_tops", multiple=True, default=("0",), show_default=True,

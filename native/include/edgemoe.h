@@ -49,6 +49,7 @@ enum edgemoe_policy {
 enum edgemoe_prefetch {
     EDGEMOE_PREFETCH_OFF       = 0, // experts load when the graph reaches them
     EDGEMOE_PREFETCH_LOOKAHEAD = 1, // layer l+d's router on layer l's input predicts and prefetches its experts
+    EDGEMOE_PREFETCH_ROUTES    = 2, // routes queued with edgemoe_cache_set_routes load ahead, in order of first use
 };
 
 enum edgemoe_io {
@@ -136,8 +137,13 @@ EDGEMOE_API int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, con
 // obeys them instead of its own top-k (router-decoupled models): each ubatch takes its tokens'
 // routes from the front of every layer's queue, so queue every token of every MoE layer (a
 // queue that is not empty but too short for a ubatch is a fatal error). BELADY uses the queue
-// as the future.
+// as the future. With EDGEMOE_PREFETCH_ROUTES the queued experts start loading at once, in
+// order of first use, each into a slot whose next use comes after its own (never evicting an
+// expert needed sooner); more start as each layer's step frees slots.
 EDGEMOE_API int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k);
+// Every MoE layer at once: ids [n_tokens][n_moe_layer][k], MoE layers in model order (the
+// prefetches then follow the order of first use across layers, which per-layer calls cannot).
+EDGEMOE_API int edgemoe_cache_set_routes_all(edgemoe_cache * cache, const int32_t * ids, int32_t n_tokens, int32_t n_moe_layer, int32_t k);
 EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
 
 // layer < 0: totals. Layers without experts report zeros.

@@ -176,6 +176,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         switch (o.prefetch) {
             case EDGEMOE_PREFETCH_OFF:       co.prefetch = prefetch_kind::off;       break;
             case EDGEMOE_PREFETCH_LOOKAHEAD: co.prefetch = prefetch_kind::lookahead; break;
+            case EDGEMOE_PREFETCH_ROUTES:    co.prefetch = prefetch_kind::routes;    break;
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown prefetch mode " + std::to_string(o.prefetch));
         }
         if (o.lookahead < 0 || o.lookahead > 8) {
@@ -281,6 +282,17 @@ int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, const int32_t
         }
         std::string err;
         const int st = cache->impl->set_routes(layer, ids, n_tokens, k, &err);
+        return st == EDGEMOE_OK ? st : fail(st, err);
+    });
+}
+
+int edgemoe_cache_set_routes_all(edgemoe_cache * cache, const int32_t * ids, int32_t n_tokens, int32_t n_moe_layer, int32_t k) {
+    return guarded([&] {
+        if (!cache || !ids || n_tokens <= 0 || n_moe_layer <= 0 || k <= 0) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "invalid route arguments");
+        }
+        std::string err;
+        const int st = cache->impl->set_routes_all(ids, n_tokens, n_moe_layer, k, &err);
         return st == EDGEMOE_OK ? st : fail(st, err);
     });
 }

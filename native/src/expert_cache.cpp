@@ -126,9 +126,11 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         bl.pool  = b.pool;
         bl.slot_of.assign(layout_.n_expert, -1);
         bl.expert_rank.assign(layout_.n_expert, -1);
+        bl.uses_at.resize(layout_.n_expert);
         bl.unit.reset(new wave_ctx{ this, (int32_t) blocks_.size(), -1, 0 });
         blocks_.push_back(std::move(bl));
     }
+    cur_block_ = (int32_t) blocks_.size() - 1;
 
     const int32_t k = layout_.n_expert_used;
     const uint64_t min_bytes = layout_.min_budget_bytes();
@@ -386,7 +388,16 @@ void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
             out[t*k + j] = bl.routes[tok*k + j];
         }
     }
+    for (int64_t i = 0; i < k*n_ubatch; ++i) {
+        auto & q = bl.uses_at[bl.routes[i]];
+        if (!q.empty() && q.front() < bl.routes_base + n_ubatch) {
+            q.pop_front();
+        }
+    }
     bl.routes.erase(bl.routes.begin(), bl.routes.begin() + k*n_ubatch);
+    bl.routes_base += n_ubatch;
+    // this block has taken the ubatch's routes: distances from here on count from it
+    cur_block_ = r.block;
 }
 
 int64_t expert_cache::next_use(expert_key key) const {
@@ -394,20 +405,15 @@ int64_t expert_cache::next_use(expert_key key) const {
     const int32_t b = key_block(key);
     const int32_t e = key_expert(key);
     const block & bl = blocks_[b];
-    if (bl.routes_k <= 0) {
+    const auto & q = bl.uses_at[e];
+    if (q.empty()) {
         return std::numeric_limits<int64_t>::max();
     }
-    const int64_t n = (int64_t) bl.routes.size();
-    for (int64_t i = 0; i < n; ++i) {
-        if (bl.routes[i] == e) {
-            // blocks up to the current one have already taken this ubatch's routes: their
-            // queue starts at the next token, the blocks after it still at this one
-            const int64_t n_blocks = (int64_t) blocks_.size();
-            const int64_t ahead = ((b - cur_block_ - 1 + n_blocks) % n_blocks) + 1;
-            return (i/bl.routes_k)*n_blocks + ahead;
-        }
-    }
-    return std::numeric_limits<int64_t>::max();
+    // blocks up to the current one have already taken this ubatch's routes: their queue
+    // starts at the next token, the blocks after it still at this one
+    const int64_t n_blocks = (int64_t) blocks_.size();
+    const int64_t ahead = ((b - cur_block_ - 1 + n_blocks) % n_blocks) + 1;
+    return (q.front() - bl.routes_base)*n_blocks + ahead;
 }
 
 void expert_cache::evict(pool & p, int32_t s) {
@@ -661,6 +667,8 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         n_queued++;
     }
 
+    // known routes: the next experts in order of first use load behind this step's reads
+    n_queued += prefetch_routes(now);
     // while this block's loads run and its matmuls compute, later blocks' predicted experts load
     if (predictor_ && w.count == 1) {
         const auto tp = std::chrono::steady_clock::now();
@@ -975,27 +983,154 @@ int expert_cache::prefetch(int32_t layer, const int32_t * experts, int32_t n, st
     return EDGEMOE_OK;
 }
 
+int expert_cache::check_routes(const int32_t * ids, int64_t n, int32_t k, std::string * err) const {
+    if (k != layout_.n_expert_used) {
+        *err = "routes give " + std::to_string(k) + " experts per token, the model uses " + std::to_string(layout_.n_expert_used);
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        if (ids[i] < 0 || ids[i] >= layout_.n_expert) {
+            *err = "expert id " + std::to_string(ids[i]) + " out of range";
+            return EDGEMOE_ERR_INVALID_ARG;
+        }
+    }
+    return EDGEMOE_OK;
+}
+
+void expert_cache::queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens, int64_t stride, int32_t k) {
+    block & bl = blocks_[b];
+    bl.routes_k = k;
+    int64_t tok = bl.routes_base + (int64_t) bl.routes.size()/k;
+    for (int64_t t = 0; t < n_tokens; ++t, ++tok) {
+        const int32_t * row = ids + t*stride;
+        bl.routes.insert(bl.routes.end(), row, row + k);
+        for (int32_t j = 0; j < k; ++j) {
+            auto & q = bl.uses_at[row[j]];
+            if (q.empty() || q.back() != tok) { // an id twice in one token is one use
+                q.push_back(tok);
+            }
+        }
+    }
+}
+
 int expert_cache::set_routes(int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k, std::string * err) {
     const int32_t b = block_of_layer(layer);
     if (b < 0) {
         *err = "layer " + std::to_string(layer) + " has no routed experts";
         return EDGEMOE_ERR_INVALID_ARG;
     }
-    if (k != layout_.n_expert_used) {
-        *err = "routes give " + std::to_string(k) + " experts per token, the model uses " + std::to_string(layout_.n_expert_used);
-        return EDGEMOE_ERR_INVALID_ARG;
-    }
-    for (int64_t i = 0; i < (int64_t) n_tokens*k; ++i) {
-        if (ids[i] < 0 || ids[i] >= layout_.n_expert) {
-            *err = "expert id " + std::to_string(ids[i]) + " out of range";
-            return EDGEMOE_ERR_INVALID_ARG;
-        }
+    const int st = check_routes(ids, (int64_t) n_tokens*k, k, err);
+    if (st != EDGEMOE_OK) {
+        return st;
     }
     std::lock_guard<std::mutex> lock(mu_);
-    block & bl = blocks_[b];
-    bl.routes_k = k;
-    bl.routes.insert(bl.routes.end(), ids, ids + (int64_t) n_tokens*k);
+    queue_routes(b, ids, n_tokens, k, k);
+    if (prefetch_routes(step_) > 0) {
+        cv_jobs_.notify_all();
+    }
     return EDGEMOE_OK;
+}
+
+int expert_cache::set_routes_all(const int32_t * ids, int32_t n_tokens, int32_t n_blocks, int32_t k, std::string * err) {
+    if (n_blocks != (int32_t) blocks_.size()) {
+        *err = "routes cover " + std::to_string(n_blocks) + " MoE layers, the model has " + std::to_string(blocks_.size());
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    const int st = check_routes(ids, (int64_t) n_tokens*n_blocks*k, k, err);
+    if (st != EDGEMOE_OK) {
+        return st;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int32_t b = 0; b < n_blocks; ++b) {
+        queue_routes(b, ids + (int64_t) b*k, n_tokens, (int64_t) n_blocks*k, k);
+    }
+    if (prefetch_routes(step_) > 0) {
+        cv_jobs_.notify_all();
+    }
+    return EDGEMOE_OK;
+}
+
+int32_t expert_cache::acquire_for_route(pool & p, uint64_t now, int64_t use_at) {
+    // an empty slot, or the ready, unpinned, already used slot whose next use is the latest
+    // (Belady) and later than use_at: a load never evicts an expert needed before its own use
+    int32_t best = -1;
+    int64_t best_next = -1;
+    for (int32_t s = 0; s < p.n_slots; ++s) {
+        const slot & sl = p.slots[s];
+        if (sl.state == SLOT_EMPTY) {
+            return s;
+        }
+        if (sl.state != SLOT_READY || sl.pin >= now || sl.prefetched) {
+            continue;
+        }
+        const int64_t nu = next_use(sl.key);
+        if (nu > best_next) {
+            best_next = nu;
+            best = s;
+        }
+    }
+    if (best < 0 || best_next <= use_at) {
+        return -1;
+    }
+    if (opts_.policy != policy_kind::belady) {
+        // the policy picks among the slots that are not needed before use_at
+        p.candidates.clear();
+        for (int32_t s = 0; s < p.n_slots; ++s) {
+            const slot & sl = p.slots[s];
+            if (sl.state == SLOT_READY && sl.pin < now && !sl.prefetched && next_use(sl.key) > use_at) {
+                p.candidates.push_back(s);
+            }
+        }
+        best = p.pol->victim(p.candidates, now, next_use_fn());
+    }
+    evict(p, best);
+    return best;
+}
+
+int32_t expert_cache::prefetch_routes(uint64_t now) {
+    if (opts_.prefetch != prefetch_kind::routes) {
+        return 0;
+    }
+    const int32_t n_blocks = (int32_t) blocks_.size();
+    int64_t max_tokens = 0;
+    for (const auto & bl : blocks_) {
+        if (bl.routes_k > 0) {
+            max_tokens = std::max<int64_t>(max_tokens, (int64_t) bl.routes.size()/bl.routes_k);
+        }
+    }
+    // walk the known uses by distance (token i of the queues, blocks in the order they run
+    // next) until every pool is full of sooner uses; the walk is bounded by a few times the
+    // slots, as a pool fills long before that on any queue worth prefetching
+    std::vector<uint8_t> full(pools_.size(), 0);
+    size_t n_full = 0;
+    int64_t budget = 4*(int64_t) n_slots_total() + (int64_t) n_blocks*layout_.n_expert_used;
+    int32_t n_queued = 0;
+    for (int64_t i = 0; i < max_tokens && n_full < pools_.size() && budget > 0; ++i) {
+        for (int32_t o = 1; o <= n_blocks && n_full < pools_.size(); ++o) {
+            const int32_t b = (cur_block_ + o) % n_blocks;
+            block & bl = blocks_[b];
+            if (full[bl.pool] || bl.routes_k <= 0 || i >= (int64_t) bl.routes.size()/bl.routes_k) {
+                continue;
+            }
+            const int64_t use_at = i*n_blocks + o;
+            for (int32_t j = 0; j < bl.routes_k && !full[bl.pool]; ++j, --budget) {
+                const int32_t e = bl.routes[i*bl.routes_k + j];
+                if (bl.slot_of[e] >= 0) {
+                    continue; // resident or already loading
+                }
+                pool & p = pools_[bl.pool];
+                const int32_t s = acquire_for_route(p, now, use_at);
+                if (s < 0) {
+                    full[bl.pool] = 1;
+                    n_full++;
+                    break;
+                }
+                queue_prefetch(p, s, b, e, now, false);
+                n_queued++;
+            }
+        }
+    }
+    return n_queued;
 }
 
 void expert_cache::clear_routes() {
@@ -1003,7 +1138,12 @@ void expert_cache::clear_routes() {
     for (auto & bl : blocks_) {
         bl.routes.clear();
         bl.routes_k = 0;
+        bl.routes_base = 0;
+        for (auto & q : bl.uses_at) {
+            q.clear();
+        }
     }
+    cur_block_ = (int32_t) blocks_.size() - 1;
 }
 
 layer_stats expert_cache::stats(int32_t layer) const {

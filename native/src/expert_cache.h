@@ -25,7 +25,7 @@
 
 namespace edgemoe {
 
-enum class prefetch_kind { off = 0, lookahead = 1 };
+enum class prefetch_kind { off = 0, lookahead = 1, routes = 2 };
 
 struct cache_options {
     uint64_t    budget_bytes    = 0;   // > 0 wins over budget_fraction
@@ -92,10 +92,14 @@ public:
     // the remap's other compute threads: sleep until thread 0 has done the remap
     void remap_wait(wave_ctx & w, int ith);
     void remap_done(wave_ctx & w);
-    prefetch_kind prefetch_mode() const { return predictor_ ? prefetch_kind::lookahead : prefetch_kind::off; }
+    prefetch_kind prefetch_mode() const {
+        return predictor_ ? prefetch_kind::lookahead : opts_.prefetch == prefetch_kind::routes ? prefetch_kind::routes : prefetch_kind::off;
+    }
 
     int  prefetch(int32_t layer, const int32_t * experts, int32_t n, std::string * err);
     int  set_routes(int32_t layer, const int32_t * ids, int32_t n_tokens, int32_t k, std::string * err);
+    // ids [n_tokens][n_blocks][k]: every MoE block's routes, then one prefetch pass
+    int  set_routes_all(const int32_t * ids, int32_t n_tokens, int32_t n_blocks, int32_t k, std::string * err);
     void clear_routes();
 
     layer_stats stats(int32_t layer) const; // layer < 0: total
@@ -143,6 +147,10 @@ private:
         std::vector<int32_t> uses_sorted;        // scratch
         std::deque<int32_t> routes;              // external routes, k per token
         int32_t routes_k = 0;
+        int64_t routes_base = 0;                 // running index of the token at the queue's front
+        // expert -> running indices of the queued tokens that use it, ascending: the next use
+        // is the front, so Belady's lookup is O(1) instead of a scan of the queue
+        std::vector<std::deque<int64_t>> uses_at;
         // what the predictor expects this block's next step to use (set by earlier blocks)
         std::vector<int32_t> predicted;          // cleared when its step has judged it
     };
@@ -169,6 +177,11 @@ private:
     void    io_worker();
     void    load(const io_job & job, void * bounce, size_t bounce_size);
     int64_t next_use(expert_key key) const;                        // under mu_
+    int     check_routes(const int32_t * ids, int64_t n, int32_t k, std::string * err) const;
+    void    queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens, int64_t stride, int32_t k); // under mu_
+    // under mu_: with routes prefetch, start the queued experts' loads in order of first use
+    int32_t prefetch_routes(uint64_t now);
+    int32_t acquire_for_route(pool & p, uint64_t now, int64_t use_at);  // under mu_
     int32_t block_of_layer(int32_t layer) const;
 
     cache_options opts_;
@@ -206,7 +219,9 @@ private:
 
     int64_t  read_delay_us_ = 0; // EDGEMOE_READ_DELAY_MS: added to every expert read
     uint64_t step_ = 1; // advances per remap; pins and policy clocks use it
-    int32_t  cur_block_ = 0; // block of the step in progress (Belady's distances start there)
+    // block of the step in progress (Belady's distances start there); the last block between
+    // ubatches, so that the next ubatch's block 0 is one step ahead
+    int32_t  cur_block_ = 0;
     std::vector<layer_stats> stats_; // per layer
 };
 
