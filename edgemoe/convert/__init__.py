@@ -140,6 +140,7 @@ def _from_checkpoint(src: str, out: str, router, outtype, align, n_threads, temp
         else:
             plan = plan_checkpoint(src, ckpt, float_type)
         backbone = Backbone(plan.n_vocab, plan.n_expert, plan.n_expert_used, plan.moe_layers)
+        router = router or plan.router  # --router replaces the one a checkpoint carries
         if router is not None:
             router.check_against(backbone)
         if outtype is not None and float_type is None:

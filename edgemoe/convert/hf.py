@@ -27,6 +27,7 @@ from edgemoe.convert.safetensors import Checkpoint
 from edgemoe.convert.tokenizer import load_vocab
 from edgemoe.convert.writer import KV, TensorPlan, encode
 from edgemoe.errors import ConvertError
+from edgemoe.router_format import Router
 
 FLOAT_TYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16}
 _FILE_TYPE = {QType.F32: gguf.LlamaFileType.ALL_F32, QType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -82,12 +83,17 @@ class HFPlan:
     n_expert: int
     n_expert_used: int
     moe_layers: Tuple[int, ...]
+    router: Optional[Router] = None  # a router the checkpoint carries (Read-ME)
 
 
 def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) -> HFPlan:
     """Everything needed to write `directory`'s model as GGUF with float type `outtype`
     (None: the checkpoint's own float type)."""
     cfg = load_config(directory)
+    from edgemoe.convert.readme_ckpt import is_readme_config, plan_readme  # it builds on this module
+
+    if is_readme_config(cfg):
+        return plan_readme(directory, ckpt, cfg, outtype)
     spec = arch_for(cfg)
     wtype = FLOAT_TYPES[outtype] if outtype else _source_float(ckpt)
     n_layer = int(cfg["num_hidden_layers"])
