@@ -40,6 +40,7 @@ PAGE = 4096          # O_DIRECT's unit: --size picks N whose expert slices are w
 FILL_STD_FALLBACK = 0.02
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.(weight|bias)$")
+_SHEXP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
 _FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
 
 __all__ = ["InflateResult", "inflate", "inflate_command", "PREFIX"]
@@ -65,6 +66,17 @@ class _Expert:
     index: int           # position in the source's tensor list
     role: str            # gate, up, down, gate_up
     kind: str            # weight, bias
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """A shared-expert tensor whose width llama.cpp derives from the routed experts' width
+    (expert_feed_forward_length x expert_shared_count: bailingmoe, deepseek, deepseek2, dots1,
+    glm4moe): it must grow with them, by zeros, which add exactly 0 to the layer's output."""
+
+    index: int
+    role: str            # gate, up: (width, n_embd); down: (n_embd, width)
+    count: int           # expert_shared_count
 
 
 # -- shapes -------------------------------------------------------------------------------
@@ -106,6 +118,7 @@ class _Plan:
     experts: List[_Expert]
     n_ff: int
     width_keys: List[str]          # keys that hold the expert width
+    shared: List[_Shared]          # shared-expert tensors tied to the expert width
     block: int                     # N must be a multiple of this (down's block size)
     page_step: int                 # multiples of this also make every expert slice whole pages
 
@@ -156,13 +169,17 @@ def _plan(src: str) -> _Plan:
     for k in width_keys:
         if keys[k] != n_ff:
             raise ConvertError(f"{src}: {k} is {keys[k]} but the expert tensors are {n_ff} wide")
+    shared = _tied_shared(src, plan, keys, n_ff)
 
     block = 1
     for e in experts:
         if e.role == "down":
             block = math.lcm(block, gguf.GGML_QUANT_SIZES[plan.tensors[e.index].qtype][0])
+    for sh in shared:
+        if sh.role == "down":
+            block = math.lcm(block, gguf.GGML_QUANT_SIZES[plan.tensors[sh.index].qtype][0])
     p = _Plan(src=src, arch=plan.arch, kv=plan.kv, tensors=plan.tensors, experts=experts, n_ff=n_ff,
-              width_keys=width_keys, block=block, page_step=block)
+              width_keys=width_keys, shared=shared, block=block, page_step=block)
     # slice bytes are linear in N: the smallest multiple of the block that makes every one a
     # whole number of pages exists within PAGE blocks
     for j in range(1, PAGE + 1):
@@ -170,6 +187,49 @@ def _plan(src: str) -> _Plan:
             p.page_step = block * j
             break
     return p
+
+
+def _tied_shared(src: str, plan, keys: dict, n_ff: int) -> List[_Shared]:
+    """Shared-expert tensors whose width is n_ff x expert_shared_count (no width key of their own)."""
+    count = keys.get(f"{plan.arch}.expert_shared_count")
+    if not isinstance(count, int) or count <= 0 or f"{plan.arch}.expert_shared_feed_forward_length" in keys:
+        return []
+    out = []
+    for i, t in enumerate(plan.tensors):
+        m = _SHEXP.match(t.name)
+        if m is None:
+            continue
+        role = m.group(2)
+        width = t.np_shape[-1] if role == "down" else t.np_shape[0]
+        if len(t.np_shape) != 2 or width != n_ff * count:
+            raise ConvertError(f"{src}: shared expert {t.name} is {width} wide, expected {n_ff} x {count}")
+        out.append(_Shared(i, role, count))
+    return out
+
+
+def _shared_shape(sh: _Shared, np_shape: Tuple[int, ...], n_ff: int) -> Tuple[int, ...]:
+    w = n_ff * sh.count
+    return (np_shape[0], w) if sh.role == "down" else (w, np_shape[1])
+
+
+def _shared_producer(p: _Plan, sh: _Shared, n_ff: int) -> Callable[[], np.ndarray]:
+    t = p.tensors[sh.index]
+
+    def produce() -> np.ndarray:
+        data = t.produce()
+        if sh.role == "down":    # (n_embd, width): whole zero blocks after each row
+            n_embd = t.np_shape[0]
+            src = data.reshape(n_embd, -1).view(np.uint8)
+            out = np.zeros((n_embd, tensor_nbytes((n_ff * sh.count,), t.qtype)), dtype=np.uint8)
+            out[:, :src.shape[1]] = src
+            return out
+        width = t.np_shape[0]    # (width, n_embd): zero rows after the source's
+        src = data.reshape(width, -1).view(np.uint8)
+        out = np.zeros((n_ff * sh.count, src.shape[1]), dtype=np.uint8)
+        out[:width] = src
+        return out
+
+    return produce
 
 
 def _check_width(p: _Plan, n_ff: int) -> None:
@@ -307,6 +367,10 @@ def _tensors(p: _Plan, n_ff: int, seed: int) -> list:
         t = p.tensors[e.index]
         tensors[e.index] = TensorPlan(t.name, _widened_shape(e.role, e.kind, t.np_shape, n_ff), t.qtype,
                                       _producer(p, e, n_ff, seed))
+    for sh in p.shared:
+        t = p.tensors[sh.index]
+        tensors[sh.index] = TensorPlan(t.name, _shared_shape(sh, t.np_shape, n_ff), t.qtype,
+                                       _shared_producer(p, sh, n_ff))
     return tensors
 
 
@@ -345,9 +409,15 @@ def _header_bytes(p: _Plan, kv: list, align: int, out: str) -> int:
 
 def _file_bytes(p: _Plan, header: int, n_ff: int, align: int) -> int:
     widened = {e.index: e for e in p.experts}
+    shared = {sh.index: sh for sh in p.shared}
     total = header
     for i, t in enumerate(p.tensors):
-        shape = t.np_shape if i not in widened else _widened_shape(widened[i].role, widened[i].kind, t.np_shape, n_ff)
+        if i in widened:
+            shape = _widened_shape(widened[i].role, widened[i].kind, t.np_shape, n_ff)
+        elif i in shared:
+            shape = _shared_shape(shared[i], t.np_shape, n_ff)
+        else:
+            shape = t.np_shape
         total += _pad(tensor_nbytes(shape, t.qtype), align)
     return total
 

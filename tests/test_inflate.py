@@ -291,3 +291,27 @@ def test_bad_files_are_refused_whole(tmp_path, capsys):
         assert_one_line_error_of(code, err, *needles)
     assert sorted(os.listdir(tmp_path)) == before
     assert filecmp.cmp(src, DEFAULT, shallow=False)
+
+
+def test_shared_experts_tied_to_the_expert_width_grow_by_zeros(tmp_path, gpt2_vocab):
+    """deepseek2 (like bailingmoe, the Read-ME layout) sizes its shared expert as n_ff_exp x
+    expert_shared_count: it must grow with the experts, and its zeros change no logit."""
+    from edgemoe.engine import Engine
+    from edgemoe.gguf_header import read_header
+    from edgemoe.synth import SynthConfig, write_model
+
+    src = tmp_path / "ds2.gguf"
+    write_model(src, SynthConfig(vocab=str(gpt2_vocab), arch="deepseek2", n_layer=2, n_embd=64, n_ff=128,
+                                 n_ff_exp=32, n_expert=8, n_expert_used=2, n_head=4, n_head_kv=4,
+                                 n_expert_shared=2, kv_lora_rank=32, head_dim=48, rope_dim=16, seed=9))
+    out = tmp_path / "ds2-wide.gguf"
+    inflate(str(src), str(out), expert_ff=256)
+    shapes = {t.name: t.ne for t in read_header(out, string_arrays=False).tensors}
+    assert shapes["blk.0.ffn_up_shexp.weight"] == (64, 512)
+    assert shapes["blk.0.ffn_down_shexp.weight"] == (512, 64)
+    tokens = np.random.default_rng(0).integers(0, 50257, 16).tolist()
+    logits = []
+    for path in (src, out):
+        with Engine(path, n_ctx=64, n_threads=N_THREADS, kv_type="f32") as e:
+            logits.append(e.eval(tokens))
+    assert np.array_equal(logits[1], logits[0])
