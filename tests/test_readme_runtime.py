@@ -236,3 +236,17 @@ def test_run_refuses_a_readme_model_without_its_router(tmp_path, edgemoe_env):
     proc = subprocess.run([sys.executable, "-m", "edgemoe", "run", "-m", str(path), "-n", "2"],
                           capture_output=True, text=True, env=edgemoe_env, timeout=120)
     assert_one_line_error(proc, "never trained to route")
+
+
+@needs_cache
+def test_trace_records_the_routers_choices(readme_model):
+    """`edgemoe trace` of a readme model records what each layer computed: the router's choices,
+    on every token and layer, over windows that restart the router at position 0."""
+    from edgemoe.trace import record_trace
+
+    path, router = readme_model
+    tokens = np.random.default_rng(9).integers(0, 50257, 40).tolist()
+    trace = record_trace(str(path), tokens, ctx=16, n_threads=N_THREADS)
+    expected = np.concatenate([torch_router_routes(router, tokens[s:s + 16]) for s in range(0, 40, 16)])
+    assert list(trace.layers) == list(router.layers)
+    assert np.array_equal(trace.experts, expected)
