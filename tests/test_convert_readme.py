@@ -218,7 +218,8 @@ def test_float16_checkpoint_and_q8_0_output(tmp_path, checkpoints, converted):
 
 # --- refusals, through the CLI --------------------------------------------------------------
 
-def _variant(src, dst, config=None, drop=()):
+def _variant(src, dst, config=None, edit=None):
+    """A copy of checkpoint `src` with config.json keys replaced and its tensors passed through `edit`."""
     from safetensors.numpy import load_file, save_file
 
     dst.mkdir()
@@ -228,16 +229,30 @@ def _variant(src, dst, config=None, drop=()):
         cfg = json.loads((dst / "config.json").read_text())
         cfg.update(config)
         (dst / "config.json").write_text(json.dumps(cfg))
-    if drop:
-        tensors = load_file(str(dst / "model.safetensors"))
-        save_file({k: v for k, v in tensors.items() if k not in drop}, str(dst / "model.safetensors"))
+    if edit:
+        save_file(edit(load_file(str(dst / "model.safetensors"))), str(dst / "model.safetensors"))
     return dst
+
+
+def _without(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def _masked_dense(t):
+    """What Read-ME's training saves: the dense MLP, its experts only in a mask file."""
+    out = {k: v for k, v in t.items() if ".moe." not in k}
+    for i in range(ReadmeShape().num_hidden_layers):
+        for proj in ("gate", "up", "down"):
+            out[f"model.layers.{i}.mlp.{proj}_proj.weight"] = t[f"model.layers.{i}.moe.{proj}_proj_0.weight"]
+    return out
 
 
 @needs_cache
 @pytest.mark.parametrize("change,needles", [
     (dict(config={"N_cluster": 3}), ("layer 0 has 4 experts", "n_cluster is 3")),
-    (dict(drop=("cluster_predictor.k_proj_1.bias",)), ("cluster_predictor.k_proj_1.bias is missing",)),
+    (dict(edit=_without("cluster_predictor.k_proj_1.bias")), ("cluster_predictor.k_proj_1.bias is missing",)),
+    (dict(edit=_without("model.layers.1.moe.down_proj_2.weight")), ("moe.down_proj_2.weight is missing",)),
+    (dict(edit=_masked_dense), ("masked dense mlp", "mask file")),
     (dict(config={"nonautoregressive": True}), ("non-autoregressive router",)),
     (dict(config={"hidden_act_predictor": "gelu"}), ("activation 'gelu'",)),
     (dict(config={"inter_dim": 48}), ("embedding_dim 32 != inter_dim 48",)),
