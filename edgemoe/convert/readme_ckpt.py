@@ -30,9 +30,9 @@ from edgemoe.convert.safetensors import Checkpoint
 from edgemoe.convert.tokenizer import load_vocab
 from edgemoe.convert.writer import KV, TensorPlan, encode
 from edgemoe.errors import ConvertError
+from edgemoe.model_router import DECOUPLED_KEY
 
 GGUF_ARCH = "bailingmoe"
-DECOUPLED_KEY = "edgemoe.router_decoupled"
 
 _ATTN = {
     "input_layernorm": T.ATTN_NORM,
