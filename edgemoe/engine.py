@@ -453,6 +453,11 @@ class Engine:
         self._cache.set_routes_all(routes)
 
     @property
+    def router_ms(self) -> float:
+        """The readme router's running total since reset_stats(), ms."""
+        return self._router_ms
+
+    @property
     def router(self) -> Optional[RouterRuntime]:
         """The readme router that picks this model's experts, or None."""
         return self._router

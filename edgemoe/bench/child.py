@@ -214,6 +214,7 @@ class _Runner:
 
         s = self.engine.cache.stats() if self.engine.cache is not None else CacheStats()
         return dict(stall_ms=s.stall_ms, book_ms=s.book_ms, predict_ms=s.predict_ms, bytes_read=s.bytes_read,
+                    router_ms=self.engine.router_ms,
                     pred_predicted=s.pred_predicted, pred_correct=s.pred_correct, pred_actual=s.pred_actual)
 
     def run(self) -> dict:

@@ -79,10 +79,11 @@ class Row:
     pred_precision: Optional[float] = None   # the lookahead predictor against the actual routes
     pred_recall: Optional[float] = None
     # -- a decode step, per generated token (docs/cache.md, "Where the time goes") -----------
-    compute_ms: Optional[float] = None       # tpot_ms less stall, cache and predictor time
+    compute_ms: Optional[float] = None       # tpot_ms less stall, cache, predictor and router time
     stall_ms_per_token: Optional[float] = None
     cache_ms_per_token: Optional[float] = None
     predict_ms_per_token: Optional[float] = None
+    router_ms_per_token: Optional[float] = None  # a readme model's router
     bytes_read_per_token: Optional[float] = None
     cpu_s_per_token: Optional[float] = None  # all threads of the process
     # -- telemetry -------------------------------------------------------------------------
@@ -167,11 +168,12 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
         row.stall_ms_per_token = per_token("decode_stall_ms")
         row.cache_ms_per_token = per_token("decode_book_ms")
         row.predict_ms_per_token = per_token("decode_predict_ms")
+        row.router_ms_per_token = per_token("decode_router_ms")
         row.bytes_read_per_token = per_token("decode_bytes_read")
         row.cpu_s_per_token = per_token("decode_cpu_s")
         tpot_all = sum(sum(r["tpot_ms"]) for r in reps) / n_decode
         row.compute_ms = max(0.0, tpot_all - row.stall_ms_per_token - row.cache_ms_per_token
-                             - row.predict_ms_per_token)
+                             - row.predict_ms_per_token - row.router_ms_per_token)
     row.peak_rss_bytes = max(r["peak_rss_bytes"] for r in reps)
 
     tel = [r["telemetry"] for r in reps]
