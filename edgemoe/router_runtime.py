@@ -84,7 +84,8 @@ class RouterRuntime:
         self._inv_freq = (np.float64(hp.rope_freq_base) ** (-np.arange(half, dtype=np.float64) * 2.0 / hd))
         self._group = hp.n_head // hp.n_head_kv
         self._scale = np.float32(hp.kq_scale)
-        self._capacity = max(1, capacity)
+        self._capacity = 0
+        self._grow(max(1, capacity))
         self.reset()
 
     def reset(self) -> None:
@@ -96,24 +97,32 @@ class RouterRuntime:
         self._v = np.zeros(shape, dtype=np.float32)
 
     def _grow(self, need: int) -> None:
-        cap = self._capacity
+        """Room for `need` positions: the KV cache and the RoPE tables double as needed."""
+        old = self._capacity
+        cap = max(old, 1)
         while cap < need:
             cap *= 2
-        if cap == self._capacity:
+        if cap == old:
             return
-        pad = ((0, 0), (0, 0), (0, cap - self._capacity), (0, 0))
-        self._k = np.pad(self._k, pad)
-        self._v = np.pad(self._v, pad)
+        if old:
+            pad = ((0, 0), (0, 0), (0, cap - old), (0, 0))
+            self._k = np.pad(self._k, pad)
+            self._v = np.pad(self._v, pad)
+        ang = np.arange(cap, dtype=np.float64)[:, None] * self._inv_freq[None, :]
+        self._cos = np.cos(ang).astype(np.float32)[:, None, :]   # [pos, 1, half]
+        self._sin = np.sin(ang).astype(np.float32)[:, None, :]
         self._capacity = cap
 
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        # x [T, heads, head_dim]; NEOX layout: the pair (i, i + half) rotates together
-        ang = pos[:, None].astype(np.float64) * self._inv_freq[None, :]
-        cos = np.cos(ang).astype(np.float32)[:, None, :]
-        sin = np.sin(ang).astype(np.float32)[:, None, :]
+    def _rope(self, x: np.ndarray, p0: int) -> np.ndarray:
+        # x [T, heads, head_dim] at positions p0..p0+T-1; NEOX layout: (i, i + half) rotate together
+        t = x.shape[0]
+        cos, sin = self._cos[p0:p0 + t], self._sin[p0:p0 + t]
         half = x.shape[-1] // 2
         a, b = x[..., :half], x[..., half:]
-        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+        out = np.empty_like(x)
+        out[..., :half] = a * cos - b * sin
+        out[..., half:] = b * cos + a * sin
+        return out
 
     def logits(self, tokens) -> np.ndarray:
         """Appends tokens to the sequence; the head's logits for each, float32 [T, n_choice]."""
@@ -129,21 +138,24 @@ class RouterRuntime:
         pos = np.arange(p0, p0 + t)
         nh, nkv, hd = hp.n_head, hp.n_head_kv, hp.head_dim
         kv = nkv * hd
-        # causal mask over the cached keys 0..p0+t-1 for queries p0..p0+t-1
-        mask = np.where(np.arange(p0 + t)[None, :] <= pos[:, None], np.float32(0.0), np.float32(-np.inf))
+        # causal mask over the cached keys 0..p0+t-1 for queries p0..p0+t-1 (one token sees them all)
+        mask = None if t == 1 else np.where(np.arange(p0 + t)[None, :] <= pos[:, None], np.float32(0.0),
+                                            np.float32(-np.inf))
         h = self._embd[toks]
         for i, blk in enumerate(self._blocks):
             a = _rmsnorm(h, blk.attn_norm, hp.rms_eps)
             qkv = _plus(a @ blk.wqkv, blk.bqkv)
-            q = self._rope(qkv[:, :hp.n_embd].reshape(t, nh, hd), pos)
-            k = self._rope(qkv[:, hp.n_embd:hp.n_embd + kv].reshape(t, nkv, hd), pos)
+            qk = self._rope(qkv[:, :hp.n_embd + kv].reshape(t, nh + nkv, hd), p0)
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, hp.n_embd + kv:].reshape(t, nkv, hd)
             self._k[i, :, p0:p0 + t] = k.transpose(1, 0, 2)
             self._v[i, :, p0:p0 + t] = v.transpose(1, 0, 2)
             keys = self._k[i, :, :p0 + t]          # [nkv, P, hd]
             vals = self._v[i, :, :p0 + t]
             qg = q.transpose(1, 0, 2).reshape(nkv, self._group * t, hd)  # query head h -> kv head h // group
-            s = (qg @ keys.transpose(0, 2, 1)).reshape(nkv, self._group, t, p0 + t) * self._scale + mask
+            s = (qg @ keys.transpose(0, 2, 1)).reshape(nkv, self._group, t, p0 + t) * self._scale
+            if mask is not None:
+                s += mask
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
             o = (s.reshape(nkv, self._group * t, p0 + t) @ vals).reshape(nh, t, hd)
