@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Held-out perplexity of the default model, in torch (a checkpoint folder) or in llama.cpp
 (a GGUF, through edgemoe.Engine), over the same token windows, so the two can be compared.
+A Read-ME checkpoint of models/train_readme.py (config.json with add_cluster_predictor) is
+evaluated with that script's torch model, routed by its own router.
 
 The text is tokenized whole with the checkpoint's or the GGUF's tokenizer (identical by
 tests/test_tokenizer.py), cut into non-overlapping windows of --ctx tokens (the tail
@@ -62,14 +64,36 @@ def torch_ppl(ckpt: Path, text: str, ctx: int, device: str, threads: int) -> dic
 
     tokens = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text).ids
     wins = windows(tokens, ctx)
-    # float32 compute from the stored weights: what a GGUF of the same checkpoint holds
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).to(device).eval()
+    if json.loads((ckpt / "config.json").read_text()).get("add_cluster_predictor"):
+        logits_of = _readme_logits(ckpt, device)
+    else:
+        # float32 compute from the stored weights: what a GGUF of the same checkpoint holds
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).to(device).eval()
+
+        def logits_of(w):
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([w], device=device)).logits[0].float().cpu().numpy()
+
+    return {"backend": "torch", "tokens": len(tokens), **perplexity(wins, logits_of), "windows": len(wins)}
+
+
+def _readme_logits(ckpt: Path, device: str) -> Callable[[List[int]], np.ndarray]:
+    """A Read-ME checkpoint written by models/train_readme.py (transformers has no Read-ME
+    model): its router picks each token's expert, every layer runs residual + that expert."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from train_readme import load_checkpoint
+
+    _, moe, router = load_checkpoint(ckpt)
+    moe, router = moe.to(device), router.to(device)
 
     def logits_of(w):
         with torch.no_grad():
-            return model(input_ids=torch.tensor([w], device=device)).logits[0].float().cpu().numpy()
+            ids = torch.tensor([w], device=device)
+            return moe(ids, router(ids).argmax(-1))[0].float().cpu().numpy()
 
-    return {"backend": "torch", "tokens": len(tokens), **perplexity(wins, logits_of), "windows": len(wins)}
+    return logits_of
 
 
 def gguf_ppl(path: Path, text: str, ctx: int, threads: int) -> dict:
