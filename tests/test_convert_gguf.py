@@ -100,9 +100,14 @@ def test_router_round_trips(form, source, tmp_path):
     _, src_tensors = _read(source)
     _, out_tensors = _read(out)
     assert all(out_tensors[n][2] == src_tensors[n][2] for n in src_tensors)
-    with Engine(source, n_threads=N_THREADS, n_ctx=64) as e:
+    # a readme router's choices are the routes: the source, handed the same routes, agrees
+    from edgemoe.router_runtime import RouterRuntime
+
+    with Engine(source, n_threads=N_THREADS, n_ctx=64, expert_cache="100%") as e:
+        e.cache.set_routes_all(RouterRuntime(router).routes(PROMPT))
         ref = e.eval(PROMPT)
-    with Engine(out, n_threads=N_THREADS, n_ctx=64, expert_cache="25%") as e:
+    with Engine(out, n_threads=N_THREADS, n_ctx=64, expert_cache="25%", notice=lambda m: None) as e:
+        assert e.router is not None
         assert np.array_equal(e.eval(PROMPT), ref)
 
     # converting again keeps the router; a new one replaces it
