@@ -95,6 +95,8 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
     if is_readme_config(cfg):
         return plan_readme(directory, ckpt, cfg, outtype)
     spec = arch_for(cfg)
+    if spec.check is not None:
+        spec.check(cfg, ckpt)
     wtype = FLOAT_TYPES[outtype] if outtype else _source_float(ckpt)
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
@@ -127,6 +129,8 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
         raise ConvertError(f"{directory}: tensor model.embed_tokens.weight is missing")
     n_vocab = int(ckpt.shape("model.embed_tokens.weight")[0])
     add_plain("model.embed_tokens.weight", T.TOKEN_EMBD, None, "weight")
+    first_moe = spec.first_moe_layer(cfg)
+    n_expert = 0
     for i in range(n_layer):
         prefix = f"model.layers.{i}."
         for hf, t in spec.layer_map.items():
@@ -139,6 +143,16 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
                     heads = n_head if t == T.ATTN_Q else n_head_kv
                     fix = (lambda d, h=heads: _permute_rope(d.reshape(d.shape[0], -1), h).reshape(d.shape))
                 add_plain(name, t, i, suffix, fix)
+        for hf, split in spec.splits.items():
+            name = f"{prefix}{hf}.weight"
+            if name not in ckpt:
+                continue
+            used.add(name)
+            for k, (t, shape) in enumerate(zip(split.parts, split.shapes(cfg, tuple(ckpt.shape(name))))):
+                add(t, i, "weight", shape, lambda name=name, split=split, k=k:
+                    split.apply(cfg, take(name).astype(np.float32, copy=False))[k])
+        if i < first_moe:
+            continue  # a dense FFN layer: its tensors are in the layer map
         router = next((f"{prefix}{r}.weight" for r in (spec.router, "mlp.gate") if f"{prefix}{r}.weight" in ckpt), None)
         if router is None:
             raise ConvertError(f"{directory}: layer {i} has no router tensor ({prefix}{spec.router}.weight)")
@@ -162,12 +176,12 @@ def plan_checkpoint(directory: str, ckpt: Checkpoint, outtype: Optional[str]) ->
         (gguf.Keys.General.FILE_TYPE, int(_FILE_TYPE[wtype]), VT.UINT32, None),
     ]
     for hp in spec.hparams(cfg):
-        vtype = {"u32": VT.UINT32, "f32": VT.FLOAT32, "bool": VT.BOOL}[hp.kind]
+        vtype = {"u32": VT.UINT32, "f32": VT.FLOAT32, "bool": VT.BOOL, "str": VT.STRING}[hp.kind]
         kv.append((hp.key.format(arch=spec.gguf_arch), hp.value, vtype, None))
     kv.append((gguf.Keys.LLM.VOCAB_SIZE.format(arch=spec.gguf_arch), n_vocab, VT.UINT32, None))
     kv.extend(vocab.kv_items())
     return HFPlan(arch=spec.gguf_arch, kv=kv, tensors=plans, n_vocab=n_vocab, n_expert=n_expert,
-                  n_expert_used=int(cfg["num_experts_per_tok"]), moe_layers=tuple(range(n_layer)))
+                  n_expert_used=int(cfg["num_experts_per_tok"]), moe_layers=tuple(range(first_moe, n_layer)))
 
 
 def _plan_experts(ckpt: Checkpoint, spec: ArchSpec, prefix: str, i: int, n_expert: int, used: Set[str],

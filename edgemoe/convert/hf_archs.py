@@ -7,7 +7,7 @@ hard-codes for it (a checkpoint that disagrees is refused rather than converted 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from gguf import MODEL_TENSOR as T
@@ -33,11 +33,44 @@ _SHARED_EXPERT = {
     "mlp.shared_expert_gate": T.FFN_GATE_INP_SHEXP,
 }
 
+# DeepSeek-V2: MLA attention, leading dense FFN layers, shared experts (deepseek2.py)
+_MLA = {
+    "input_layernorm": T.ATTN_NORM,
+    "self_attn.q_proj": T.ATTN_Q,
+    "self_attn.q_a_proj": T.ATTN_Q_A,
+    "self_attn.q_a_layernorm": T.ATTN_Q_A_NORM,
+    "self_attn.q_b_proj": T.ATTN_Q_B,
+    "self_attn.kv_a_proj_with_mqa": T.ATTN_KV_A_MQA,
+    "self_attn.kv_a_layernorm": T.ATTN_KV_A_NORM,
+    "self_attn.o_proj": T.ATTN_OUT,
+    "post_attention_layernorm": T.FFN_NORM,
+    "mlp.gate_proj": T.FFN_GATE,
+    "mlp.up_proj": T.FFN_UP,
+    "mlp.down_proj": T.FFN_DOWN,
+    "mlp.shared_experts.gate_proj": T.FFN_GATE_SHEXP,
+    "mlp.shared_experts.up_proj": T.FFN_UP_SHEXP,
+    "mlp.shared_experts.down_proj": T.FFN_DOWN_SHEXP,
+}
+
+
 @dataclass(frozen=True)
 class Hparam:
     key: str          # a gguf.Keys template with {arch}
     value: object
-    kind: str         # "u32", "f32" or "bool"
+    kind: str         # "u32", "f32", "bool" or "str"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One checkpoint tensor that llama.cpp wants as several (DeepSeek's kv_b_proj: k_b and v_b)."""
+
+    parts: Tuple[T, ...]
+    shapes: Callable[[dict, Tuple[int, ...]], Tuple[Tuple[int, ...], ...]]  # cfg, HF shape -> numpy shapes
+    apply: Callable[[dict, object], Tuple[object, ...]]                     # cfg, HF array -> arrays
+
+
+def _all_moe(cfg: dict) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +84,9 @@ class ArchSpec:
     hparams: Callable[[dict], List[Hparam]]
     norm_topk_prob: Optional[bool]           # what llama.cpp assumes; None: not configurable
     permute_qk: bool = False                 # llama.cpp's llama arch rotates interleaved pairs
+    splits: Dict[str, Split] = field(default_factory=dict)   # HF name inside the layer -> parts
+    first_moe_layer: Callable[[dict], int] = _all_moe         # the layers before it are dense
+    check: Optional[Callable[[dict, object], None]] = None   # cfg, Checkpoint: refuse a mismatch early
 
 
 def _get(cfg: dict, *names, default=None):
@@ -138,6 +174,15 @@ def _mixtral(cfg: dict) -> List[Hparam]:
     ]
 
 
+def _deepseek2(name: str) -> Callable:
+    """deepseek2.py's function `name`, imported when called (that module builds on this one)."""
+    def call(*args):
+        from edgemoe.convert import deepseek2
+
+        return getattr(deepseek2, name)(*args)
+    return call
+
+
 ARCHS: Dict[str, ArchSpec] = {
     "qwen3_moe": ArchSpec("qwen3_moe", "qwen3moe", _ATTN, "mlp.gate", "mlp.experts",
                           ("gate_proj", "up_proj", "down_proj"), _qwen3moe, norm_topk_prob=True),
@@ -147,6 +192,12 @@ ARCHS: Dict[str, ArchSpec] = {
                       ("gate_proj", "up_proj", "down_proj"), _olmoe, norm_topk_prob=False),
     "mixtral": ArchSpec("mixtral", "llama", _ATTN, "block_sparse_moe.gate", "block_sparse_moe.experts",
                         ("w1", "w3", "w2"), _mixtral, norm_topk_prob=None, permute_qk=True),
+    # routing keys (norm_topk_prob included) are deepseek2.py's
+    "deepseek_v2": ArchSpec("deepseek_v2", "deepseek2", _MLA, "mlp.gate", "mlp.experts",
+                            ("gate_proj", "up_proj", "down_proj"), _deepseek2("hparams"), norm_topk_prob=None,
+                            splits={"self_attn.kv_b_proj": Split((T.ATTN_K_B, T.ATTN_V_B), _deepseek2("kv_b_shapes"),
+                                                                 _deepseek2("split_kv_b"))},
+                            first_moe_layer=_deepseek2("first_moe_layer"), check=_deepseek2("check_checkpoint")),
 }
 
 
