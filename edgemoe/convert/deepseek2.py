@@ -91,8 +91,8 @@ def _routing(cfg: dict) -> List[Hparam]:
         # group rule is DeepSeek-V3's (the best two summed), so only a no-op grouping converts
         if n_group > 1 and topk_group < n_group:
             raise ConvertError(f"deepseek_v2 with topk_method 'group_limited_greedy' (n_group={n_group}, "
-                               f"topk_group={topk_group}) is not supported: llama.cpp ranks expert groups by "
-                               "their best two experts (DeepSeek-V3), DeepSeek-V2 by its best one")
+                               f"topk_group={topk_group}) is not supported: llama.cpp ranks expert groups by the sum "
+                               "of their best two experts (DeepSeek-V3's rule), DeepSeek-V2 by their best one")
     elif method not in ("greedy", "gready"):  # DeepSeek's own code spells it "gready"
         raise ConvertError(f"deepseek_v2 with topk_method {method!r} is not supported; "
                            "greedy or group_limited_greedy are")
