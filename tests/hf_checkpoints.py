@@ -8,6 +8,7 @@ default 0.02 so that logits spread and routing differs between tokens.
 from __future__ import annotations
 
 import pathlib
+from typing import Optional
 
 TEXT = ("Once upon a time there was a little model that routed every token to a few experts. "
         "The quick brown fox jumps over the lazy dog; numbers 12345 and 67890 appear too. ")
@@ -23,6 +24,11 @@ ARCHS = {
                                          shared_expert_intermediate_size=48)),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, intermediate_size=32, num_key_value_heads=4)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=8, intermediate_size=32)),
+    # DeepSeek-V2-Lite's layout: MLA without query compression, a leading dense layer, shared experts
+    "deepseek_v2": ("DeepseekV2Config", dict(num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1,
+                                             n_routed_experts=8, n_shared_experts=2, moe_intermediate_size=32,
+                                             intermediate_size=96, q_lora_rank=None, kv_lora_rank=32,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
 }
 
 
@@ -39,17 +45,18 @@ def train_tokenizer(vocab_size: int):
 
 
 def write_checkpoint(directory: pathlib.Path, arch: str, seed: int = 0, dtype: str = "float32",
-                     fused: bool = False) -> pathlib.Path:
+                     fused: bool = False, overrides: Optional[dict] = None) -> pathlib.Path:
     """Writes config.json, safetensors and tokenizer.json for a tiny `arch` model into `directory`.
 
     fused: save the in-memory module layout (`experts.gate_up_proj`) instead of the
     per-expert tensors `save_pretrained` writes.
+    overrides: config values that replace the arch's (a variant: rope scaling, query compression, ...).
     """
     import torch
     import transformers
 
     cls_name, extra = ARCHS[arch]
-    kw = {**COMMON, **extra}
+    kw = {**COMMON, **extra, **(overrides or {})}
     cfg = getattr(transformers, cls_name)(**kw, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
