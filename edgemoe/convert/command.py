@@ -25,9 +25,9 @@ def convert_command(src: str, out: str, router: Optional[str], outtype: Optional
     """Convert SRC (a GGUF file or a Hugging Face MoE checkpoint directory) to OUT.gguf.
 
     Tensors and keys of a GGUF source are re-emitted unchanged (bytes and values), aligned to
-    --align; a checkpoint (qwen3_moe, qwen2_moe, olmoe, mixtral, or a Read-ME router-decoupled
-    Llama: docs/readme-checkpoint.md) is converted with its tokenizer, a Read-ME one with its
-    router embedded.
+    --align; a checkpoint (qwen3_moe, qwen2_moe, olmoe, mixtral, deepseek_v2, or a Read-ME
+    router-decoupled Llama: docs/readme-checkpoint.md) is converted with its tokenizer, a Read-ME
+    one with its router embedded.
     """
     from edgemoe.convert import convert
 
