@@ -76,7 +76,12 @@ class _Shared:
 
     index: int
     role: str            # gate, up: (width, n_embd); down: (n_embd, width)
-    count: int           # expert_shared_count
+    width: int           # the source's: n_ff x expert_shared_count
+
+    def count_for(self, n_ff: int) -> int:
+        """expert_shared_count at expert width n_ff: the fewest N-wide experts that hold the
+        source's channels (the zeros would otherwise multiply the always-on compute by count)."""
+        return -(-self.width // n_ff)
 
 
 # -- shapes -------------------------------------------------------------------------------
@@ -203,12 +208,12 @@ def _tied_shared(src: str, plan, keys: dict, n_ff: int) -> List[_Shared]:
         width = t.np_shape[-1] if role == "down" else t.np_shape[0]
         if len(t.np_shape) != 2 or width != n_ff * count:
             raise ConvertError(f"{src}: shared expert {t.name} is {width} wide, expected {n_ff} x {count}")
-        out.append(_Shared(i, role, count))
+        out.append(_Shared(i, role, width))
     return out
 
 
 def _shared_shape(sh: _Shared, np_shape: Tuple[int, ...], n_ff: int) -> Tuple[int, ...]:
-    w = n_ff * sh.count
+    w = n_ff * sh.count_for(n_ff)
     return (np_shape[0], w) if sh.role == "down" else (w, np_shape[1])
 
 
@@ -220,12 +225,12 @@ def _shared_producer(p: _Plan, sh: _Shared, n_ff: int) -> Callable[[], np.ndarra
         if sh.role == "down":    # (n_embd, width): whole zero blocks after each row
             n_embd = t.np_shape[0]
             src = data.reshape(n_embd, -1).view(np.uint8)
-            out = np.zeros((n_embd, tensor_nbytes((n_ff * sh.count,), t.qtype)), dtype=np.uint8)
+            out = np.zeros((n_embd, tensor_nbytes((n_ff * sh.count_for(n_ff),), t.qtype)), dtype=np.uint8)
             out[:, :src.shape[1]] = src
             return out
         width = t.np_shape[0]    # (width, n_embd): zero rows after the source's
         src = data.reshape(width, -1).view(np.uint8)
-        out = np.zeros((n_ff * sh.count, src.shape[1]), dtype=np.uint8)
+        out = np.zeros((n_ff * sh.count_for(n_ff), src.shape[1]), dtype=np.uint8)
         out[:width] = src
         return out
 
@@ -258,7 +263,11 @@ def _kv(p: _Plan, n_ff: int, seed: int, fill: str, source: Tuple[str, int, str])
     for key, value, vtype, sub in p.kv:
         if key.startswith(PREFIX):
             continue
-        kv.append((key, n_ff if key in p.width_keys else value, vtype, sub))
+        if key in p.width_keys:
+            value = n_ff
+        elif p.shared and key == f"{p.arch}.expert_shared_count":
+            value = p.shared[0].count_for(n_ff)
+        kv.append((key, value, vtype, sub))
     name, size, sha = source
     kv += [(PREFIX + "source_expert_ff", p.n_ff, VT.UINT32, None),
            (PREFIX + "expert_ff", n_ff, VT.UINT32, None),
