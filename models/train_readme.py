@@ -19,7 +19,7 @@ Usage (models/README.md has the real run and its figures):
     python models/train_readme.py train --preset smoke --data runs/readme-data --out OUT   # CPU, seconds
 
 `train` writes OUT/log.txt, OUT/results.json and the weights as Q8_0-rounded parts
-(OUT/dense.pt.NN, OUT/moe.pt.NN, at most 15 MiB each; `load_parts` reads them). The parts
+(OUT/dense.NN, OUT/moe.NN, at most 15 MiB each; `load_parts` reads them). The parts
 hold exactly the values a Q8_0 GGUF of the model holds (see `q8_pack`), so torch and llama.cpp
 evaluate the same weights.
 """
