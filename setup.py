@@ -216,6 +216,8 @@ setup(
         # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
         "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
                  "safetensors>=0.4"],
+        # edgemoe tune-router trains routers in torch (docs/remoe.md); the same pins as "test"
+        "tune": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
         "jetson": ["jetson-stats>=4.2"],
         "plot": ["matplotlib>=3.7"],
     },

@@ -15,6 +15,7 @@ from edgemoe.info import info_command
 from edgemoe.inflate import inflate_command
 from edgemoe.synth_cli import synth_command
 from edgemoe.trace import trace, trace_stats
+from edgemoe.tune_router_cli import tune_router_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,7 @@ cli.add_command(convert_command)
 cli.add_command(trace)
 cli.add_command(trace_stats)
 cli.add_command(inflate_command)
+cli.add_command(tune_router_command)
 
 
 def main(argv=None) -> int:
