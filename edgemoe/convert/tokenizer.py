@@ -1,16 +1,19 @@
 """A checkpoint's tokenizer as GGUF `tokenizer.*` keys that llama.cpp's vocab loader reads.
 
 Two sources: a Hugging Face `tokenizer.json` whose model is byte-level BPE (GPT-2, Qwen,
-Llama 3, OLMo families), and a SentencePiece `tokenizer.model` (Llama/Mistral family).
-llama.cpp does not run the pre-tokenizer described in tokenizer.json; it has a fixed set
-of built-in ones named by `tokenizer.ggml.pre`, so the split pattern is matched against the
-ones we know to be equivalent, and anything else is refused rather than tokenized wrongly.
+Llama 3, OLMo, DeepSeek LLM/V2 families), and a SentencePiece `tokenizer.model` (Llama/Mistral
+family). llama.cpp does not run the pre-tokenizer described in tokenizer.json; it has a fixed set
+of built-in ones named by `tokenizer.ggml.pre`, so the pre-tokenizer's steps (split patterns,
+however the JSON spells their escapes) are matched against the ones we know to be equivalent,
+and anything else is refused rather than tokenized wrongly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -21,11 +24,93 @@ from edgemoe.errors import ConvertError
 
 # the byte-level split patterns llama.cpp implements, by its pre-tokenizer name
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_PATTERNS = {
-    _GPT2: "gpt-2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+# deepseek-llm's (DeepSeek LLM, DeepSeek-V2/V2-Lite) Split steps, in order: line breaks, letter runs
+# of the listed scripts, ASCII/fullwidth/CJK punctuation runs, trailing whitespace, CJK/Hangul runs;
+# escapes here only keep look-alike letters (U+212A KELVIN SIGN, ...) apart from ASCII in the source
+_DEEPSEEK_SPLITS = (
+    "[\\r\\n]",
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+    "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    "\\s+$",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+)
+# the published tokenizer.json splits digits with Digits(individual_digits); llama.cpp runs \p{N}+,
+# the same tokens once BPE has run as long as no vocab token spans two digits (checked on conversion)
+_DIGITS = ("digits",)
+
+# escapes that stand for one literal character; others (\s, \p{N}, \b, ...) are kept as written
+_CHAR_ESCAPE = re.compile(r"x\{([0-9A-Fa-f]{1,6})\}|x([0-9A-Fa-f]{1,2})|u([0-9A-Fa-f]{4})")
+_CONTROL_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v", "a": "\a", "e": "\x1b"}
+# characters that are syntax rather than themselves, outside and inside a [...] class (Oniguruma's,
+# the engine `tokenizers` uses: nested classes and && intersections)
+_META_OUT = frozenset(".^$|?*+()[]{}\\")
+_META_IN = frozenset("[]^-&\\")
+
+
+def _canonical_regex(pattern: str) -> str:
+    r"""`pattern` with every spelling of a literal character (itself, \uXXXX, \x{...}, \r, \.)
+    written one way: the character itself, backslash-escaped only where it would be syntax.
+    tokenizer.json files spell the same regex differently (JSON escapes vs regex escapes,
+    escaped or bare punctuation); two patterns with equal canonical forms match the same text."""
+    out: List[str] = []
+    depth = 0  # nesting of [...] classes
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            nxt = pattern[i + 1]
+            m = _CHAR_ESCAPE.match(pattern, i + 1)
+            code = int(next(g for g in m.groups() if g), 16) if m else None
+            if code is not None and code <= 0x10FFFF:
+                lit, i = chr(code), m.end()
+            elif nxt in _CONTROL_ESCAPES:
+                lit, i = _CONTROL_ESCAPES[nxt], i + 2
+            elif not nxt.isalnum():
+                lit, i = nxt, i + 2
+            else:
+                end = i + 2
+                if nxt in "pP" and pattern.startswith("{", end):
+                    close = pattern.find("}", end)
+                    end = n if close < 0 else close + 1
+                out.append(pattern[i:end])
+                i = end
+                continue
+            out.append("\\" + lit if lit in (_META_IN if depth else _META_OUT) else lit)
+            continue
+        if c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _split(pattern: str) -> Tuple[str, str]:
+    return ("split", _canonical_regex(pattern))
+
+
+# pre-tokenizer step sequences (Split patterns, Digits) llama.cpp runs the same, by its name for them
+_SEQUENCES: Dict[Tuple[tuple, ...], str] = {
+    (_split(_GPT2),): "gpt-2",
+    (_split(_QWEN2),): "qwen2",
+    (_split(_LLAMA3),): "llama-bpe",
+    tuple(map(_split, _DEEPSEEK_SPLITS)) + (_DIGITS,): "deepseek-llm",
+    tuple(map(_split, _DEEPSEEK_SPLITS + (r"\p{N}+",))): "deepseek-llm",
 }
+
 
 # llama_token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -93,33 +178,80 @@ def _token_text(tok) -> Optional[str]:
     return None
 
 
-def _pre_name(pre: Optional[dict]) -> str:
-    """The llama.cpp pre-tokenizer equivalent to a tokenizer.json byte-level pre_tokenizer."""
+def _byte_decoder() -> Dict[str, int]:
+    """GPT-2's byte-level alphabet, from the printable character a vocab token uses to its byte."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return table
+
+
+def _digit_spanning_token(tokens) -> Optional[str]:
+    """A vocab token that BPE could build across two numeric characters (Unicode N*, what `Digits`
+    splits on) of a run of them: its bytes read as the tail of one digit's UTF-8, whole digits and
+    the head of another, with at least two of those parts."""
+    digits = [chr(c).encode() for c in range(0x110000) if unicodedata.category(chr(c))[0] == "N"]
+    whole = set(digits)
+    tails = {d[i:] for d in digits for i in range(1, len(d))}
+    heads = {d[:i] for d in digits for i in range(1, len(d))}
+    decode = _byte_decoder()
+    for tok in tokens:
+        try:
+            data = bytes(decode[ch] for ch in tok)
+        except KeyError:
+            continue
+        pos = next((i for i, byte in enumerate(data) if byte & 0xC0 != 0x80), len(data))
+        parts, ok = int(pos > 0), pos == 0 or data[:pos] in tails
+        while ok and pos < len(data):
+            lead = data[pos]
+            size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            piece = data[pos:pos + size]
+            ok = piece in whole or (pos + size >= len(data) and piece in heads)
+            parts, pos = parts + 1, pos + size
+        if ok and parts >= 2:
+            return tok
+    return None
+
+
+def _pre_name(pre: Optional[dict], tokens) -> str:
+    """The llama.cpp pre-tokenizer equivalent to a tokenizer.json byte-level pre_tokenizer;
+    `tokens` are the BPE model's vocab tokens, for steps whose equivalence depends on them."""
     if pre is None:
         raise ConvertError("tokenizer.json has no pre_tokenizer; llama.cpp needs a known byte-level one")
     steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    patterns = []
+    seq: List[tuple] = []
     byte_level = False
     for s in steps:
         if s.get("type") == "Split":
             pat = s.get("pattern", {})
-            patterns.append(pat.get("Regex") or pat.get("String"))
+            text = pat.get("Regex") if "Regex" in pat else re.escape(pat.get("String") or "")
+            # llama.cpp keeps each match as its own piece and splits between them: Isolated
+            isolated = s.get("behavior", "Isolated") == "Isolated" and not s.get("invert", False)
+            seq.append(_split(text) if isolated else ("split", s.get("behavior"), s.get("invert"), text))
         elif s.get("type") == "ByteLevel":
             byte_level = True
             if s.get("add_prefix_space"):
                 raise ConvertError("tokenizer.json: ByteLevel with add_prefix_space is not supported")
             if s.get("use_regex", True):
-                patterns.append(_GPT2)
-        elif s.get("type") == "Digits" and not s.get("individual_digits"):
-            continue
+                seq.append(_split(_GPT2))
+        elif s.get("type") == "Digits":
+            if s.get("individual_digits"):
+                seq.append(_DIGITS)
         else:
             raise ConvertError(f"tokenizer.json: pre-tokenizer step {s.get('type')!r} has no llama.cpp equivalent")
     if not byte_level:
         raise ConvertError("tokenizer.json: only byte-level BPE tokenizers are supported (no ByteLevel step found)")
-    if len(patterns) != 1 or patterns[0] not in _PATTERNS:
+    name = _SEQUENCES.get(tuple(seq))
+    if name is None:
         raise ConvertError("tokenizer.json: its split pattern matches none of llama.cpp's pre-tokenizers "
-                           f"({', '.join(sorted(set(_PATTERNS.values())))})")
-    return _PATTERNS[patterns[0]]
+                           f"({', '.join(sorted(set(_SEQUENCES.values())))})")
+    if _DIGITS in seq:
+        tok = _digit_spanning_token(tokens)
+        if tok is not None:
+            raise ConvertError(f"tokenizer.json: vocab token {tok!r} spans two digits, which its Digits step never "
+                               f"lets BPE build but llama.cpp's {name} pre-tokenizer (digit runs) would")
+    return name
 
 
 def _special_ids(directory: str, vocab: Dict[str, int], config: dict) -> Tuple[Dict[str, int], Optional[bool], Optional[bool], Optional[str]]:
@@ -164,7 +296,7 @@ def _from_tokenizer_json(directory: str, config: dict) -> Vocab:
             types.append(NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     special, add_bos, add_eos, template = _special_ids(directory, vocab, config)
-    return Vocab(model="gpt2", pre=_pre_name(tj.get("pre_tokenizer")), tokens=tokens, types=types,
+    return Vocab(model="gpt2", pre=_pre_name(tj.get("pre_tokenizer"), model["vocab"]), tokens=tokens, types=types,
                  merges=merges, special=special, add_bos=add_bos, add_eos=add_eos, chat_template=template)
 
 
