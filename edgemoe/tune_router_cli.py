@@ -79,7 +79,8 @@ def tune_router_command(src: str, out: str, text: str, steps: int, lr: float, al
                         device: str, dtype: str, threads: Optional[int], as_json: bool) -> None:
     """Fine-tune only the routers of SRC so that tokens reuse recently used experts (ReMoE).
 
-    SRC is a GGUF or a Hugging Face checkpoint (qwen3_moe, qwen2_moe, olmoe, mixtral). The
+    SRC is a GGUF or a Hugging Face checkpoint (qwen3_moe, qwen2_moe, olmoe, mixtral,
+    deepseek_v2). The
     loss is next-token CE + LAM * KL(tuned gate || frozen gate) + alpha(t) * a locality term
     that pulls each token's top-k onto the experts of the last W tokens (docs/remoe.md).
     OUT is SRC with only the gate tensors changed, in the same layout; inference is unchanged.

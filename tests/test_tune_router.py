@@ -230,6 +230,27 @@ def test_gguf_out_differs_only_in_gates(gpt2_vocab, text_file, tmp_path, capsys)
         assert np.isfinite(engine.eval([1, 2, 3, 4])).all()
 
 
+@needs_llama
+def test_deepseek_v2_checkpoint_and_its_gguf(checkpoints, text_file, tmp_path, capsys):
+    """DeepSeek-V2 (a leading dense layer, shared experts): only the MoE layers' gates change,
+    and --gguf gives what `convert` gives of SRC but for those gates."""
+    import gguf
+    from edgemoe.convert import convert
+
+    src, out, gguf_out = checkpoints["deepseek_v2"], tmp_path / "tuned", tmp_path / "tuned.gguf"
+    code, _, err = _main(["tune-router", str(src), "-o", str(out), "--text", str(text_file), "--steps", "6",
+                          "--ctx", "32", "--lr", "0.05", "--gguf", str(gguf_out)], capsys)
+    assert code == 0, err
+    changed = _only_gates_differ_st(src / "model.safetensors", out / "model.safetensors")
+    assert changed == {"model.layers.1.mlp.gate.weight", "model.layers.2.mlp.gate.weight"}
+    plain = tmp_path / "plain.gguf"
+    convert(src, plain)
+    a, b = gguf.GGUFReader(str(plain)), gguf.GGUFReader(str(gguf_out))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert [t.name for t, u in zip(a.tensors, b.tensors) if t.data.tobytes() != u.data.tobytes()] == \
+        ["blk.1.ffn_gate_inp.weight", "blk.2.ffn_gate_inp.weight"]
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 
