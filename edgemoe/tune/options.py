@@ -51,6 +51,8 @@ class TuneOptions:
             raise TuneError("--ctx must be at least 2 tokens")
         if self.batch < 1:
             raise TuneError("--batch must be at least 1")
+        if not 0 <= self.seed < 2**63:
+            raise TuneError("--seed must be a non-negative integer")
         if self.device not in DEVICES:
             raise TuneError(f"--device must be one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
