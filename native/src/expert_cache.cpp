@@ -590,6 +590,14 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
 
     const int64_t first = (int64_t) w.index*p.n_slots;
     const int64_t last  = std::min<int64_t>(first + p.n_slots, (int64_t) bl.distinct.size());
+    if (last <= first && !bl.distinct.empty()) {
+        // a wave past the last expert points its pairs at the last non-empty wave's first
+        // expert (below): pin it now, before this step's prefetches look for victims
+        const int32_t lead = bl.slot_of[bl.distinct[((bl.distinct.size() - 1)/p.n_slots)*p.n_slots]];
+        if (lead >= 0) {
+            p.slots[lead].pin = now;
+        }
+    }
 
     // pin what is resident, claim slots for the rest, then queue the loads
     int32_t n_queued = 0;
@@ -1051,40 +1059,30 @@ int expert_cache::set_routes_all(const int32_t * ids, int32_t n_tokens, int32_t 
 }
 
 int32_t expert_cache::acquire_for_route(pool & p, uint64_t now, int64_t use_at) {
-    // an empty slot, or the ready, unpinned, already used slot whose next use is the latest
-    // (Belady) and later than use_at: a load never evicts an expert needed before its own use
-    int32_t best = -1;
-    int64_t best_next = -1;
+    // an empty slot, or the policy's victim among the ready, unpinned, already used slots whose
+    // next use comes after use_at: a load never evicts an expert needed before its own use.
+    // Belady picks the latest next use, and among slots outside the known future (a decode
+    // step knows one token) its fallback's ranking, not an arbitrary one
+    p.candidates.clear();
     for (int32_t s = 0; s < p.n_slots; ++s) {
         const slot & sl = p.slots[s];
         if (sl.state == SLOT_EMPTY) {
             return s;
         }
-        if (sl.state != SLOT_READY || sl.pin >= now || sl.prefetched) {
-            continue;
-        }
-        const int64_t nu = next_use(sl.key);
-        if (nu > best_next) {
-            best_next = nu;
-            best = s;
+        if (sl.state == SLOT_READY && sl.pin < now && !sl.prefetched && next_use(sl.key) > use_at) {
+            p.candidates.push_back(s);
         }
     }
-    if (best < 0 || best_next <= use_at) {
+    if (p.candidates.empty()) {
         return -1;
     }
-    if (opts_.policy != policy_kind::belady) {
-        // the policy picks among the slots that are not needed before use_at
-        p.candidates.clear();
-        for (int32_t s = 0; s < p.n_slots; ++s) {
-            const slot & sl = p.slots[s];
-            if (sl.state == SLOT_READY && sl.pin < now && !sl.prefetched && next_use(sl.key) > use_at) {
-                p.candidates.push_back(s);
-            }
-        }
-        best = p.pol->victim(p.candidates, now, next_use_fn());
+    next_use_fn nu;
+    if (opts_.policy == policy_kind::belady) {
+        nu = [this](expert_key key) { return next_use(key); };
     }
-    evict(p, best);
-    return best;
+    const int32_t v = p.pol->victim(p.candidates, now, nu);
+    evict(p, v);
+    return v;
 }
 
 int32_t expert_cache::prefetch_routes(uint64_t now) {
