@@ -76,7 +76,8 @@ def heldout_hit_rates(model: Path, n_tokens: int, threads: int) -> dict:
                            for j, il in enumerate(trace.layers)]).astype(np.int32)
     capacities = {"4 per layer": 4 * n_layers}
     for b in BUDGETS:
-        capacities[b] = max(k, round(float(b.rstrip("%")) / 100 * trace.n_expert)) * n_layers
+        per_layer = max(k, round(float(b.rstrip("%")) / 100 * trace.n_expert))
+        capacities[f"{b} ({per_layer} per layer)"] = per_layer * n_layers
     out = {"n_tokens": int(n), "n_layers": int(n_layers), "n_expert": int(trace.n_expert), "k": int(k), "rates": {}}
     for name, slots in capacities.items():
         out["rates"][name] = {"slots": slots, **{p: simulate(rows, slots, p, prompt_tokens=1, n_expert=trace.n_expert)
