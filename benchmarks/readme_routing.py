@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,9 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cache_sim import simulate  # noqa: E402
-from floors import expert_slices, io_floor, routing_stats  # noqa: E402
-from real_routing import bandwidth, prompt_lengths, record_routes, write_prompts  # noqa: E402
-from sweep import bench, rows_of, save  # noqa: E402
+from floors import expert_slices  # noqa: E402
+from real_routing import bandwidth, ensure_model, floors, record_routes, write_prompts  # noqa: E402
+from sweep import bench, machine, rows_of, save  # noqa: E402
 
 from edgemoe.cpus import default_threads  # noqa: E402
 
@@ -53,15 +51,6 @@ BUDGETS = ("10%", "25%", "50%")
 AHEAD = ("routes", "belady")      # (prefetch, policy)
 DEMAND = ("off", "default")
 SIM_POLICIES = ("belady", "lru", "default")
-
-
-def ensure_model(path: Path, source: Path, size: str) -> Path:
-    """The inflated Read-ME model, written by `edgemoe inflate` when absent."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "edgemoe", "inflate", str(source), "-o", str(path), "--size", size],
-                       check=True)
-    return path
 
 
 def heldout_hit_rates(model: Path, n_tokens: int, threads: int) -> dict:
@@ -82,31 +71,6 @@ def heldout_hit_rates(model: Path, n_tokens: int, threads: int) -> dict:
     for name, slots in capacities.items():
         out["rates"][name] = {"slots": slots, **{p: simulate(rows, slots, p, prompt_tokens=1, n_expert=trace.n_expert)
                                                  ["hit_rate"] for p in SIM_POLICIES}}
-    return out
-
-
-def floors(results: dict, routes: list) -> dict:
-    n_gen = int(results["args"]["n_gen"])
-    test = f"prompt+tg{n_gen}"
-    warm = rows_of(results.get("warm", []), test, expert_cache="100%", status="ok")
-    tokens = [t for r in warm for rep in r["samples_tpot_ms"] for t in rep]
-    compute_ms = float(np.median(tokens)) if tokens else float("nan")
-    lens = prompt_lengths(results)
-    per_run = [routing_stats([np.asarray(r)], results["n_expert"], p) for r, p in zip(routes, lens)]
-    routing = {key: float(np.mean([s[key] for s in per_run if s[key] is not None])) for key in per_run[0]}
-    out = {"compute_ms": compute_ms, "budgets": {}, "routing": routing}
-    for budget in BUDGETS:
-        measured = [r for r in rows_of(results["cold"], test, expert_cache=budget) if r["expert_cache_slots"]]
-        if not measured:
-            continue
-        slots = measured[0]["expert_cache_slots"]
-        per_rep = [io_floor(np.asarray(r), slots, "belady", prompt_tokens=p, n_tokens=n_gen,
-                            bytes_per_expert=results["bytes_per_expert"], bandwidth_gbps=results["bandwidth_gbps"],
-                            compute_ms=compute_ms, count_from_token=p, stop_token=p + n_gen)
-                   for r, p in zip(routes, lens)]
-        out["budgets"][budget] = {"slots": slots, **{key: float(np.mean([s[key] for s in per_rep]))
-                                                      for key in ("misses_per_token", "hit_rate", "io_ms",
-                                                                  "floor_overlap_ms")}}
     return out
 
 
@@ -135,7 +99,7 @@ def main() -> int:
 
     from edgemoe.cache import inspect_model
 
-    model = str(ensure_model(args.model, args.source, args.size))
+    model = str(ensure_model(args.model, args.size, args.source))
     info = inspect_model(model)
     slices, per_expert = expert_slices(model)
     prompts = write_prompts(args.out.parent / "heldout-prompts.jsonl", max(args.repetitions, args.warm_repetitions) + 1)
@@ -143,7 +107,7 @@ def main() -> int:
     results = dict(model=model, source=str(args.source), model_bytes=os.path.getsize(model), expert_bytes=info.expert_bytes,
                    non_expert_bytes=info.non_expert_bytes, n_moe_layer=info.n_moe_layer, n_expert=info.n_expert,
                    n_expert_used=info.n_expert_used, bytes_per_expert=per_expert,
-                   machine=f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                   machine=machine(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    args={k: str(v) for k, v in vars(args).items()}, commands={})
     done = json.loads(args.out.read_text()) if args.resume and args.out.exists() else {}
@@ -231,7 +195,7 @@ def report(results: dict) -> str:
             continue
         mixed = (_row(cold, test, budget, (DEMAND[0], AHEAD[1])), _row(cold, test, budget, (AHEAD[0], DEMAND[1])))
         both_ok = a["status"] == "ok" and d is not None and d["status"] == "ok"
-        f = fl["budgets"].get(budget)
+        f = fl["budgets"].get(budget, {}).get("sim", {}).get("belady")
         bound = max(fl["compute_ms"], f["io_ms"]) if f else None
         out.append(" | ".join([
             f"| {budget}", f"{a['mem_limit'] / 2**20:.0f}", _tpot(a), _tpot(d),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from floors import direct_bandwidth, expert_slices, io_floor, routing_stats  # noqa: E402
-from sweep import bench, rows_of, save, warm_compute_ms  # noqa: E402
+from sweep import bench, machine, rows_of, save, warm_compute_ms  # noqa: E402
 
 from edgemoe.cpus import default_threads  # noqa: E402
 
@@ -48,11 +47,11 @@ BUDGETS = ("10%", "25%", "50%")
 SIM_POLICIES = ("default", "belady")
 
 
-def ensure_model(path: Path, size: str) -> Path:
-    """The inflated default model, written by `edgemoe inflate` when absent."""
+def ensure_model(path: Path, size: str, source: Path = SOURCE) -> Path:
+    """`source` (the default model) inflated to `size` at `path`, by `edgemoe inflate` when absent."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "edgemoe", "inflate", str(SOURCE), "-o", str(path), "--size", size],
+        subprocess.run([sys.executable, "-m", "edgemoe", "inflate", str(source), "-o", str(path), "--size", size],
                        check=True)
     return path
 
@@ -133,7 +132,7 @@ def main() -> int:
     results = dict(model=model, model_bytes=os.path.getsize(model), expert_bytes=info.expert_bytes,
                    non_expert_bytes=info.non_expert_bytes, n_moe_layer=info.n_moe_layer, n_expert=info.n_expert,
                    n_expert_used=info.n_expert_used, bytes_per_expert=per_expert,
-                   machine=f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                   machine=machine(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    args={k: str(v) for k, v in vars(args).items()}, commands={})
 

@@ -16,29 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_routing import write_prompts  # noqa: E402
-from sweep import bench, rows_of, save  # noqa: E402
+from real_routing import ensure_model, write_prompts  # noqa: E402
+from sweep import bench, machine, rows_of, save  # noqa: E402
 
 from edgemoe.cpus import default_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"untuned": REPO / "models" / "edgemoe-tiny-q8_0.gguf", "tuned": REPO / "models" / "edgemoe-tiny-remoe-q8_0.gguf"}
 BUDGETS = ("10%", "25%", "50%")
-
-
-def ensure_inflated(src: Path, out: Path, size: str) -> Path:
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "edgemoe", "inflate", str(src), "-o", str(out), "--size", size], check=True)
-    return out
 
 
 def main() -> int:
@@ -59,12 +50,12 @@ def main() -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    inflated = {name: ensure_inflated(src, args.out.parent / f"{name}-inflated-{args.size.lower()}.gguf", args.size)
+    inflated = {name: ensure_model(args.out.parent / f"{name}-inflated-{args.size.lower()}.gguf", args.size, src)
                 for name, src in MODELS.items()}
     prompts = write_prompts(args.out.parent / "heldout-prompts.jsonl", args.repetitions + 1)
     results = dict(models={k: str(v) for k, v in inflated.items()},
                    model_bytes={k: os.path.getsize(v) for k, v in inflated.items()},
-                   machine=f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                   machine=machine(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    args={k: str(v) for k, v in vars(args).items()}, commands={}, cold={})
     done = json.loads(args.out.read_text()) if args.resume and args.out.exists() else {}

@@ -86,6 +86,11 @@ def reference_routes(model: str, args, routes_file) -> list:
     return res.routes
 
 
+def machine() -> str:
+    """The line every benchmark report gives for the machine it ran on."""
+    return f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+
+
 def rows_of(rows, test, **match):
     return [r for r in rows if r["test"] == test and all(r.get(k) == v for k, v in match.items())]
 
@@ -132,7 +137,7 @@ def main() -> int:
     results = dict(model=model, model_bytes=os.path.getsize(model), expert_bytes=info.expert_bytes,
                    non_expert_bytes=info.non_expert_bytes, n_moe_layer=info.n_moe_layer, n_expert=info.n_expert,
                    n_expert_used=info.n_expert_used, bytes_per_expert=per_expert,
-                   machine=f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                   machine=machine(),
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), args={k: str(v) for k, v in vars(args).items()},
                    commands={})
 
