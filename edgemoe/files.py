@@ -1,8 +1,10 @@
 """Output files that appear whole or not at all: written under a temporary name beside the
-target (same file system, so the final rename is atomic), then renamed."""
+target (same file system, so the final rename is atomic), then renamed; and the fingerprint
+that outputs record of their inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Tuple, Union
@@ -50,3 +52,12 @@ def check_model_file(path: PathLike) -> None:
         raise EdgemoeIOError(f"cannot read model file {path}: {e.strerror}") from None
     if magic != b"GGUF":
         raise ModelFormatError(f"not a GGUF file: {path}")
+
+
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (raises OSError)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

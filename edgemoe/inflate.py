@@ -14,7 +14,6 @@ docs/inflate.md has the rules and the measurements.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -247,14 +246,13 @@ def _check_width(p: _Plan, n_ff: int) -> None:
 
 
 def _source_id(src: str) -> Tuple[str, int, str]:
-    h = hashlib.sha256()
+    from edgemoe.files import sha256_file
+
     try:
-        with open(src, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        sha = sha256_file(src)
     except OSError as e:
         raise ConvertError(f"cannot read {src}: {e.strerror or e}") from None
-    return os.path.basename(src), os.path.getsize(src), h.hexdigest()
+    return os.path.basename(src), os.path.getsize(src), sha
 
 
 def _kv(p: _Plan, n_ff: int, seed: int, fill: str, source: Tuple[str, int, str]) -> list:

@@ -6,7 +6,6 @@ Plain running text: no BOS is added and special-token text is not parsed."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import lzma
 import os
 
@@ -42,14 +41,12 @@ def read_text(path: str) -> str:
 
 
 def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
+    from edgemoe.files import sha256_file
+
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise TuneError(f"cannot read {path}: {e.strerror or e}") from None
-    return h.hexdigest()
 
 
 def tokenize_gguf(model_path: str, text: str) -> np.ndarray:
