@@ -1099,7 +1099,9 @@ int32_t expert_cache::prefetch_routes(uint64_t now) {
     // walk the known uses by distance (token i of the queues, blocks in the order they run
     // next) until every pool is full of sooner uses; the walk is bounded by a few times the
     // slots, as a pool fills long before that on any queue worth prefetching
-    std::vector<uint8_t> full(pools_.size(), 0);
+    // runs at every remap: the per-pool flags reuse one buffer
+    std::vector<uint8_t> & full = route_pool_full_;
+    full.assign(pools_.size(), 0);
     size_t n_full = 0;
     int64_t budget = 4*(int64_t) n_slots_total() + (int64_t) n_blocks*layout_.n_expert_used;
     int32_t n_queued = 0;

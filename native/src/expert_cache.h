@@ -182,6 +182,7 @@ private:
     // under mu_: with routes prefetch, start the queued experts' loads in order of first use
     int32_t prefetch_routes(uint64_t now);
     int32_t acquire_for_route(pool & p, uint64_t now, int64_t use_at);  // under mu_
+    std::vector<uint8_t> route_pool_full_; // prefetch_routes' scratch: pools with no victim left
     int32_t block_of_layer(int32_t layer) const;
 
     cache_options opts_;
