@@ -27,6 +27,7 @@ from edgemoe.convert.readme_experts import LayerExperts, plan_layer, shared_coun
 from edgemoe.convert.readme_router import PREFIX as ROUTER_PREFIX
 from edgemoe.convert.readme_router import router_from_checkpoint
 from edgemoe.convert.safetensors import Checkpoint
+from edgemoe.convert.hf_archs import _ATTN as HF_ATTN
 from edgemoe.convert.tokenizer import load_vocab
 from edgemoe.convert.writer import KV, TensorPlan, encode
 from edgemoe.errors import ConvertError
@@ -34,14 +35,9 @@ from edgemoe.model_router import DECOUPLED_KEY
 
 GGUF_ARCH = "bailingmoe"
 
-_ATTN = {
-    "input_layernorm": T.ATTN_NORM,
-    "self_attn.q_proj": T.ATTN_Q,
-    "self_attn.k_proj": T.ATTN_K,
-    "self_attn.v_proj": T.ATTN_V,
-    "self_attn.o_proj": T.ATTN_OUT,
-    "post_attention_layernorm": T.FFN_NORM,
-}
+# Llama's attention names, as convert maps them for the other architectures; a Llama has no
+# q/k norms
+_ATTN = {k: v for k, v in HF_ATTN.items() if v not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)}
 
 
 def is_readme_config(cfg: dict) -> bool:
