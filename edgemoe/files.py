@@ -54,6 +54,14 @@ def check_model_file(path: PathLike) -> None:
         raise ModelFormatError(f"not a GGUF file: {path}")
 
 
+def probe_beside(path: PathLike) -> None:
+    """Creates and removes a temporary file beside `path`: a long job fails before it starts,
+    not at its end, when its output cannot be written (raises OSError)."""
+    fd, probe = temp_beside(path)
+    os.close(fd)
+    discard(probe)
+
+
 def sha256_file(path: PathLike) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks (raises OSError)."""
     h = hashlib.sha256()

@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from edgemoe.errors import EdgemoeError, EdgemoeIOError, InvalidArgumentError, ModelFormatError
-from edgemoe.files import discard, publish, temp_beside
+from edgemoe.files import discard, probe_beside, publish, temp_beside
 from edgemoe.errors import CliError
 
 FORMAT_VERSION = 1
@@ -311,10 +311,7 @@ def trace(model_path: str, text_path: str, out_path: str, ctx: int, max_tokens: 
     except UnicodeDecodeError as e:
         raise CliError(f"--text {text_path} is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        # probe the output's folder before the (long) run, and let no partial file appear
-        fd, probe = temp_beside(out_path)
-        os.close(fd)
-        discard(probe)
+        probe_beside(out_path)  # before the (long) run, and with no partial file left
     except OSError as e:
         raise CliError(f"cannot write {out_path}: {e.strerror or e}") from None
     try:

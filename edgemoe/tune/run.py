@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from edgemoe.errors import EdgemoeError
-from edgemoe.files import discard, temp_beside
+from edgemoe.files import discard, probe_beside, temp_beside
 from edgemoe.tune.options import Measure, TuneError, TuneOptions, TuneResult
 
 # config.json fields that give a routed-expert count, across the architectures transformers knows
@@ -88,9 +88,7 @@ def check_source(src: str) -> Source:
 def _probe(path: str) -> None:
     """Fails now, not after training, when nothing can be written beside `path`."""
     try:
-        fd, probe = temp_beside(path)
-        os.close(fd)
-        discard(probe)
+        probe_beside(path)
     except OSError as e:
         raise TuneError(f"cannot write {path}: {e.strerror or e}") from None
 
