@@ -207,6 +207,7 @@ setup(
         "click>=8.1",
         "gguf>=0.17.1",
         "psutil>=5.9",
+        "jinja2>=3.1.6",  # chat templates are untrusted code; 3.1.6 fixes a sandbox escape (CVE-2025-27516)
         # edgemoe convert: checkpoints whose tokenizer is a SentencePiece model
         "sentencepiece>=0.2",
     ],

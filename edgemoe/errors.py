@@ -29,6 +29,10 @@ class InvalidArgumentError(EdgemoeError, ValueError):
     """An option or argument is out of range or malformed."""
 
 
+class ChatTemplateError(InvalidArgumentError):
+    """A chat template does not compile, refused the chat (its raise_exception) or failed rendering."""
+
+
 class BudgetParseError(InvalidArgumentError):
     """A budget string (`800MiB`, `25%`, `off`) could not be parsed."""
 
