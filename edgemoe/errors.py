@@ -81,6 +81,14 @@ class ContextFullError(DecodeError):
     """The tokens do not fit in the remaining context."""
 
 
+class QueueFullError(EdgemoeError):
+    """Too many requests already wait for a sequence; retry_after: seconds to wait before trying again."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = int(retry_after)
+
+
 # enum edgemoe_status -> exception class (EDGEMOE_OK == 0 raises nothing)
 _STATUS_ERRORS = {
     1: InvalidArgumentError,  # EDGEMOE_ERR_INVALID_ARG
