@@ -210,13 +210,16 @@ setup(
         "jinja2>=3.1.6",  # chat templates are untrusted code; 3.1.6 fixes a sandbox escape (CVE-2025-27516)
         # edgemoe convert: checkpoints whose tokenizer is a SentencePiece model
         "sentencepiece>=0.2",
+        # edgemoe serve: the ASGI toolkit and server (docs/serve.md)
+        "starlette>=0.37",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # torch/transformers build reference models for the converter and training tests;
         # torch pinned to the CPU wheel (an open range pulls a CUDA build of several GB),
         # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
         "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
-                 "safetensors>=0.4"],
+                 "safetensors>=0.4", "openai>=1.0", "httpx>=0.27"],
         # edgemoe tune-router trains routers in torch (docs/remoe.md); the same pins as "test"
         "tune": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
         "jetson": ["jetson-stats>=4.2"],
