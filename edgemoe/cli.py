@@ -11,6 +11,7 @@ from edgemoe.bench.cli import bench
 from edgemoe.convert.command import convert_command
 from edgemoe.errors import CliError
 from edgemoe.run import run
+from edgemoe.serve.cli import serve_command
 from edgemoe.info import info_command
 from edgemoe.inflate import inflate_command
 from edgemoe.synth_cli import synth_command
@@ -25,6 +26,7 @@ def cli() -> None:
 
 
 cli.add_command(run)
+cli.add_command(serve_command)
 cli.add_command(synth_command)
 cli.add_command(info_command)
 cli.add_command(bench)
