@@ -241,6 +241,18 @@ def edgemoe_cache_set_routes_all(cache, ids, n_tokens: int, n_moe_layer: int, k:
 def edgemoe_cache_clear_routes(cache, /) -> int: ...
 
 
+# EDGEMOE_API int edgemoe_cache_last_routes(const edgemoe_cache * cache, int32_t * out, int32_t n_rows, int32_t n_moe_layer, int32_t k);
+@_native("edgemoe_cache_last_routes",
+         [edgemoe_cache_p, int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int)
+def edgemoe_cache_last_routes(cache, out, n_rows: int, n_moe_layer: int, k: int, /) -> int: ...
+
+
+# EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert);
+@_native("edgemoe_cache_resident",
+         [edgemoe_cache_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int32], ctypes.c_int)
+def edgemoe_cache_resident(cache, layer: int, out, n_expert: int, /) -> int: ...
+
+
 # EDGEMOE_API int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out);
 @_native("edgemoe_cache_stats", [edgemoe_cache_p, ctypes.c_int32, ctypes.POINTER(edgemoe_stats)], ctypes.c_int)
 def edgemoe_cache_stats(cache, layer: int, out, /) -> int: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -144,6 +144,9 @@ class ExpertCache:
             status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
         B.check(status)
         self._handle = handle.value
+        self.layout = inspect_model(model_path)
+        # MoE layer index (0..n_moe_layer) -> model layer, for resident()
+        self._moe_layers: Optional[List[int]] = None
 
     @property
     def handle(self) -> int:
@@ -199,6 +202,34 @@ class ExpertCache:
 
     def clear_routes(self) -> None:
         B.check(B.edgemoe_cache_clear_routes(self.handle))
+
+    def last_routes(self, n_rows: int) -> np.ndarray:
+        """int32 [n_rows, n_moe_layer, k]: the experts each MoE layer used for each row of the
+        last llama_decode batch, -1 where a layer did not compute that row."""
+        lay = self.layout
+        out = np.empty((n_rows, lay.n_moe_layer, lay.n_expert_used), dtype=np.int32)
+        if n_rows:
+            B.check(B.edgemoe_cache_last_routes(self.handle, out.ctypes.data_as(B.int32_p), n_rows,
+                                                lay.n_moe_layer, lay.n_expert_used))
+        return out
+
+    def moe_layers(self) -> List[int]:
+        """The model layers with routed experts, in order."""
+        if self._moe_layers is None:
+            probe = np.zeros(self.layout.n_expert, dtype=np.uint8)
+            ptr = probe.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            self._moe_layers = [layer for layer in range(self.layout.n_layer)
+                                if B.edgemoe_cache_resident(self.handle, layer, ptr, self.layout.n_expert) == 0]
+        return self._moe_layers
+
+    def resident(self, moe_layers: Sequence[int]) -> np.ndarray:
+        """bool [len(moe_layers), n_expert]: experts resident or loading now, per model layer."""
+        lay = self.layout
+        out = np.zeros((len(moe_layers), lay.n_expert), dtype=np.uint8)
+        for i, layer in enumerate(moe_layers):
+            ptr = out[i].ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            B.check(B.edgemoe_cache_resident(self.handle, layer, ptr, lay.n_expert))
+        return out.astype(bool)
 
     def close(self) -> None:
         """Frees the cache; detach it (and free its context) first. Idempotent."""

@@ -134,9 +134,9 @@ EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cach
 EDGEMOE_API int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, const int32_t * experts, int32_t n);
 
 // Routes of the next n_tokens tokens for one layer ([n_tokens][k] expert ids), queued. The graph
-// obeys them instead of its own top-k (router-decoupled models): each ubatch takes its tokens'
-// routes from the front of every layer's queue, so queue every token of every MoE layer (a
-// queue that is not empty but too short for a ubatch is a fatal error). BELADY uses the queue
+// obeys them instead of its own top-k (router-decoupled models): each llama_decode batch takes
+// its rows' routes, in batch order, from the front of every layer's queue, so queue every token
+// of every MoE layer (a queue that is not empty but too short for a batch is a fatal error). BELADY uses the queue
 // as the future. With EDGEMOE_PREFETCH_ROUTES the queued experts start loading at once, in
 // order of first use, each into a slot whose next use comes after its own (never evicting an
 // expert needed sooner); more start as each layer's step frees slots.
@@ -145,6 +145,15 @@ EDGEMOE_API int edgemoe_cache_set_routes(edgemoe_cache * cache, int32_t layer, c
 // prefetches then follow the order of first use across layers, which per-layer calls cannot).
 EDGEMOE_API int edgemoe_cache_set_routes_all(edgemoe_cache * cache, const int32_t * ids, int32_t n_tokens, int32_t n_moe_layer, int32_t k);
 EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
+// Routes are queued per row of each llama_decode batch, so a batch of several sequences that
+// llama.cpp splits (and reorders) by sequence still gives every token its own routes.
+
+// The expert ids every MoE layer used for each row of the last llama_decode batch,
+// out [n_rows][n_moe_layer][k]; -1 where a layer did not compute the row (the last layer
+// computes only output rows). A scheduler's estimate of a sequence's next experts.
+EDGEMOE_API int edgemoe_cache_last_routes(const edgemoe_cache * cache, int32_t * out, int32_t n_rows, int32_t n_moe_layer, int32_t k);
+// out[e] = 1 for each expert of the layer that is resident or loading now.
+EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert);
 
 // layer < 0: totals. Layers without experts report zeros.
 EDGEMOE_API int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out);

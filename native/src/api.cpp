@@ -70,6 +70,10 @@ void * provider_route_ctx(void * user, void * unit, int32_t n_ubatch_tokens) {
     return cache_of(user)->route_ctx(unit, n_ubatch_tokens);
 }
 
+void provider_ubatch_rows(void * user, const int32_t * batch_idx, int32_t n_tokens, int32_t first_row) {
+    cache_of(user)->ubatch_rows(batch_idx, n_tokens, first_row);
+}
+
 // ggml's CPU backend calls a custom op on every compute thread (n_tasks only sizes its work
 // buffer), so thread 0 does the work; the barrier after the node holds the others
 
@@ -212,6 +216,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         c->provider.remap     = op_remap;
         c->provider.mask      = op_mask;
         c->provider.max_waves = c->impl->max_waves();
+        c->provider.ubatch_rows = provider_ubatch_rows;
         *out = c;
         return (int) EDGEMOE_OK;
     });
@@ -304,6 +309,28 @@ int edgemoe_cache_clear_routes(edgemoe_cache * cache) {
         }
         cache->impl->clear_routes();
         return (int) EDGEMOE_OK;
+    });
+}
+
+int edgemoe_cache_last_routes(const edgemoe_cache * cache, int32_t * out, int32_t n_rows, int32_t n_moe_layer, int32_t k) {
+    return guarded([&] {
+        if (!cache || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache and out are required");
+        }
+        std::string err;
+        const int st = cache->impl->last_routes(out, n_rows, n_moe_layer, k, &err);
+        return st == EDGEMOE_OK ? st : fail(st, err);
+    });
+}
+
+int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert) {
+    return guarded([&] {
+        if (!cache || !out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache and out are required");
+        }
+        std::string err;
+        const int st = cache->impl->resident(layer, out, n_expert, &err);
+        return st == EDGEMOE_OK ? st : fail(st, err);
     });
 }
 

@@ -363,6 +363,16 @@ void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
 
     std::lock_guard<std::mutex> lock(mu_);
     block & bl = blocks_[r.block];
+    // the batch row of ubatch row t (llama.cpp may reorder a batch when it splits it by sequence)
+    const bool mapped = (int64_t) ub_rows_.size() == n_ubatch;
+    auto batch_row = [&](int64_t t) -> int64_t { return mapped ? ub_rows_[t] : t; };
+    auto ubatch_row = [&](int64_t t) -> int64_t {
+        const int64_t tok = out_ids ? ((const int32_t *) out_ids->data)[t] : t;
+        if (tok < 0 || tok >= n_ubatch) {
+            fatal("internal: output row " + std::to_string(tok) + " outside the ubatch");
+        }
+        return tok;
+    };
     if (bl.routes.empty()) {
         for (int64_t t = 0; t < n_rows; ++t) {
             const int32_t * row = (const int32_t *) ((const char *) src->data + t*src->nb[1]);
@@ -370,34 +380,114 @@ void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
                 out[t*k + j] = row[j*src->nb[0]/sizeof(int32_t)];
             }
         }
-        return;
+    } else {
+        // routes are queued per batch row, from the batch's first; a block computed only for
+        // the output rows takes those rows' routes and still consumes the whole ubatch's
+        const int64_t n_queued = (int64_t) bl.taken.size();
+        auto queued_row = [&](int64_t t) -> int64_t {
+            const int64_t q = mapped ? bl.batch_base + batch_row(t) - bl.routes_base : t;
+            if (bl.routes_k != k || q < 0 || q >= n_queued || bl.taken[q]) {
+                fatal("external routes of layer " + std::to_string(bl.layer) + " cover " +
+                      std::to_string(n_queued) + " tokens; the batch needs " + std::to_string(n_ubatch) +
+                      " more (set routes for every token of every layer before decoding)");
+            }
+            return q;
+        };
+        if (!out_ids && n_rows != n_ubatch) {
+            fatal("internal: a route op over " + std::to_string(n_rows) + " of " + std::to_string(n_ubatch) + " rows");
+        }
+        for (int64_t t = 0; t < n_rows; ++t) {
+            const int64_t q = queued_row(ubatch_row(t));
+            for (int64_t j = 0; j < k; ++j) {
+                out[t*k + j] = bl.routes[q*k + j];
+            }
+        }
+        for (int64_t t = 0; t < n_ubatch; ++t) {
+            const int64_t q = queued_row(t);
+            bl.taken[q] = 1;
+            for (int64_t j = 0; j < k; ++j) {
+                // this token's use is no longer ahead; in order it is the front
+                auto & uses = bl.uses_at[bl.routes[q*k + j]];
+                const auto it = std::find(uses.begin(), uses.end(), bl.routes_base + q);
+                if (it != uses.end()) {
+                    uses.erase(it);
+                }
+            }
+        }
+        while (!bl.taken.empty() && bl.taken.front()) {
+            bl.routes.erase(bl.routes.begin(), bl.routes.begin() + k);
+            bl.taken.pop_front();
+            bl.routes_base++;
+        }
     }
-    // routes are queued per token of the ubatch; a block computed only for the output rows
-    // takes those rows' routes and still consumes the whole ubatch's
-    if (bl.routes_k != k || (int64_t) bl.routes.size() < k*n_ubatch || (!out_ids && n_rows != n_ubatch)) {
-        fatal("external routes of layer " + std::to_string(bl.layer) + " cover " +
-              std::to_string(bl.routes.size()/std::max<int64_t>(1, bl.routes_k)) + " tokens; the batch needs " +
-              std::to_string(n_ubatch) + " (set routes for every token of every layer before decoding)");
-    }
+    // what each batch row used, for the scheduler's estimate of its next token
     for (int64_t t = 0; t < n_rows; ++t) {
-        const int64_t tok = out_ids ? ((const int32_t *) out_ids->data)[t] : t;
-        if (tok < 0 || tok >= n_ubatch) {
-            fatal("internal: output row " + std::to_string(tok) + " outside the ubatch");
-        }
-        for (int64_t j = 0; j < k; ++j) {
-            out[t*k + j] = bl.routes[tok*k + j];
+        const int64_t row = batch_row(ubatch_row(t));
+        if (row >= 0 && row < last_rows_ && (int64_t) bl.last.size() >= (row + 1)*k) {
+            std::copy(out + t*k, out + (t + 1)*k, bl.last.begin() + row*k);
         }
     }
-    for (int64_t i = 0; i < k*n_ubatch; ++i) {
-        auto & q = bl.uses_at[bl.routes[i]];
-        if (!q.empty() && q.front() < bl.routes_base + n_ubatch) {
-            q.pop_front();
-        }
-    }
-    bl.routes.erase(bl.routes.begin(), bl.routes.begin() + k*n_ubatch);
-    bl.routes_base += n_ubatch;
     // this block has taken the ubatch's routes: distances from here on count from it
     cur_block_ = r.block;
+}
+
+void expert_cache::ubatch_rows(const int32_t * batch_idx, int32_t n_tokens, int32_t first_row) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t k = layout_.n_expert_used;
+    if (first_row == 0) {
+        // a new batch: its row 0 is the first token still queued
+        for (auto & bl : blocks_) {
+            bl.batch_base = bl.routes_base;
+        }
+        last_rows_ = 0;
+    }
+    ub_rows_.resize(n_tokens);
+    int64_t rows = last_rows_;
+    for (int32_t t = 0; t < n_tokens; ++t) {
+        ub_rows_[t] = batch_idx ? batch_idx[t] : first_row + t;
+        rows = std::max<int64_t>(rows, (int64_t) ub_rows_[t] + 1);
+    }
+    for (auto & bl : blocks_) {
+        if (first_row == 0) {
+            std::fill(bl.last.begin(), bl.last.end(), -1);
+        }
+        if ((int64_t) bl.last.size() < rows*k) {
+            bl.last.resize(rows*k, -1);
+        }
+    }
+    last_rows_ = rows;
+}
+
+int expert_cache::last_routes(int32_t * out, int32_t n_rows, int32_t n_blocks, int32_t k, std::string * err) const {
+    if (n_blocks != (int32_t) blocks_.size() || k != layout_.n_expert_used || n_rows < 0) {
+        *err = "last routes are [rows][" + std::to_string(blocks_.size()) + "][" + std::to_string(layout_.n_expert_used) + "]";
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int64_t row = 0; row < n_rows; ++row) {
+        for (int32_t b = 0; b < n_blocks; ++b) {
+            const auto & last = blocks_[b].last;
+            for (int32_t j = 0; j < k; ++j) {
+                const size_t i = (size_t) (row*k + j);
+                out[(row*n_blocks + b)*k + j] = row < last_rows_ && i < last.size() ? last[i] : -1;
+            }
+        }
+    }
+    return EDGEMOE_OK;
+}
+
+int expert_cache::resident(int32_t layer, uint8_t * out, int32_t n_expert, std::string * err) const {
+    const int32_t b = block_of_layer(layer);
+    if (b < 0 || n_expert != layout_.n_expert) {
+        *err = b < 0 ? "layer " + std::to_string(layer) + " has no routed experts"
+                     : "the model has " + std::to_string(layout_.n_expert) + " experts per layer";
+        return EDGEMOE_ERR_INVALID_ARG;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int32_t e = 0; e < n_expert; ++e) {
+        out[e] = blocks_[b].slot_of[e] >= 0;
+    }
+    return EDGEMOE_OK;
 }
 
 int64_t expert_cache::next_use(expert_key key) const {
@@ -1012,6 +1102,7 @@ void expert_cache::queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens
     for (int64_t t = 0; t < n_tokens; ++t, ++tok) {
         const int32_t * row = ids + t*stride;
         bl.routes.insert(bl.routes.end(), row, row + k);
+        bl.taken.push_back(0);
         for (int32_t j = 0; j < k; ++j) {
             auto & q = bl.uses_at[row[j]];
             if (q.empty() || q.back() != tok) { // an id twice in one token is one use
@@ -1109,8 +1200,8 @@ int32_t expert_cache::prefetch_routes(uint64_t now) {
         for (int32_t o = 1; o <= n_blocks && n_full < pools_.size(); ++o) {
             const int32_t b = (cur_block_ + o) % n_blocks;
             block & bl = blocks_[b];
-            if (full[bl.pool] || bl.routes_k <= 0 || i >= (int64_t) bl.routes.size()/bl.routes_k) {
-                continue;
+            if (full[bl.pool] || bl.routes_k <= 0 || i >= (int64_t) bl.routes.size()/bl.routes_k || bl.taken[i]) {
+                continue; // nothing queued there, or a split batch's ubatch already took that token
             }
             const int64_t use_at = i*n_blocks + o;
             for (int32_t j = 0; j < bl.routes_k && !full[bl.pool]; ++j, --budget) {
@@ -1137,8 +1228,10 @@ void expert_cache::clear_routes() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto & bl : blocks_) {
         bl.routes.clear();
+        bl.taken.clear();
         bl.routes_k = 0;
         bl.routes_base = 0;
+        bl.batch_base = 0;
         for (auto & q : bl.uses_at) {
             q.clear();
         }

@@ -101,6 +101,12 @@ public:
     // ids [n_tokens][n_blocks][k]: every MoE block's routes, then one prefetch pass
     int  set_routes_all(const int32_t * ids, int32_t n_tokens, int32_t n_blocks, int32_t k, std::string * err);
     void clear_routes();
+    // before each ubatch (llama_expert_provider::ubatch_rows): its rows' indices in the batch
+    void ubatch_rows(const int32_t * batch_idx, int32_t n_tokens, int32_t first_row);
+    // ids [n_rows][n_blocks][k] each block used for the last llama_decode's rows (-1: not computed)
+    int  last_routes(int32_t * out, int32_t n_rows, int32_t n_blocks, int32_t k, std::string * err) const;
+    // out[e] = 1 when expert e of the layer is resident or loading
+    int  resident(int32_t layer, uint8_t * out, int32_t n_expert, std::string * err) const;
 
     layer_stats stats(int32_t layer) const; // layer < 0: total
     void reset_stats();
@@ -146,8 +152,11 @@ private:
         std::vector<std::pair<int, int32_t>> order; // scratch
         std::vector<int32_t> uses_sorted;        // scratch
         std::deque<int32_t> routes;              // external routes, k per token
+        std::deque<uint8_t> taken;               // per queued token: a ubatch has used it
         int32_t routes_k = 0;
         int64_t routes_base = 0;                 // running index of the token at the queue's front
+        int64_t batch_base = 0;                  // running index of the current batch's row 0
+        std::vector<int32_t> last;               // the last batch's ids, k per row (-1: not computed)
         // expert -> running indices of the queued tokens that use it, ascending: the next use
         // is the front, so Belady's lookup is O(1) instead of a scan of the queue
         std::vector<std::deque<int64_t>> uses_at;
@@ -183,6 +192,8 @@ private:
     int32_t prefetch_routes(uint64_t now);
     int32_t acquire_for_route(pool & p, uint64_t now, int64_t use_at);  // under mu_
     std::vector<uint8_t> route_pool_full_; // prefetch_routes' scratch: pools with no victim left
+    std::vector<int32_t> ub_rows_;  // batch row of each row of the ubatch being computed
+    int64_t last_rows_ = 0;         // rows of the last batch seen so far
     int32_t block_of_layer(int32_t layer) const;
 
     cache_options opts_;
