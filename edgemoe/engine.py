@@ -167,6 +167,10 @@ class Engine:
         notice: called with one-line notices (default: printed to stderr).
         kv_type: type of the KV cache, "f16" (llama.cpp's default) or "f32" (with flash
             attention off: attention in f32 throughout, for comparing logits with a reference).
+        n_parallel: sequences the context holds (edgemoe.generator decodes them together);
+            each gets n_ctx // n_parallel positions. eval(), generate() and reset() use sequence 0.
+        kv_unified: one KV buffer shared by the sequences (llama-server's default); False gives
+            each its own stream, and llama.cpp then splits a batch by sequence.
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
@@ -174,7 +178,8 @@ class Engine:
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = 0,
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
                  notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
-                 prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0):
+                 prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0, n_parallel: int = 1,
+                 kv_unified: bool = True):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -189,6 +194,12 @@ class Engine:
 
         if n_ctx <= 0 or n_batch <= 0 or n_ubatch <= 0:
             raise InvalidArgumentError("n_ctx, n_batch and n_ubatch must be positive")
+        if not 1 <= n_parallel <= 256:
+            raise InvalidArgumentError(f"n_parallel must be 1 to 256, not {n_parallel}")
+        if n_ctx // n_parallel < 2:
+            raise InvalidArgumentError(f"a context of {n_ctx} leaves fewer than 2 positions to each of "
+                                       f"{n_parallel} sequences")
+        self.n_parallel = n_parallel
         if kv_type not in _KV_TYPES:
             raise InvalidArgumentError(f"unknown kv_type {kv_type!r}; expected one of {', '.join(_KV_TYPES)}")
         self._kv_type = _KV_TYPES[kv_type]
@@ -232,7 +243,7 @@ class Engine:
                 llama.llama_backend_init()
                 _backend_ready = True
             self._load_model(n_gpu_layers)
-            self._create_context(n_ctx, n_batch, n_ubatch, n_threads or default_threads())
+            self._create_context(n_ctx, n_batch, n_ubatch, n_threads or default_threads(), kv_unified)
             if self._cache is not None:
                 self._cache.attach(self._ctx)
         except BaseException:
@@ -242,12 +253,16 @@ class Engine:
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         self.n_ctx = llama.llama_n_ctx(self._ctx)
+        self.n_ctx_seq = self.n_ctx // self.n_parallel  # each sequence's share, as llama-server's slots
         self.n_batch = llama.llama_n_batch(self._ctx)
         self.n_layer = llama.llama_model_n_layer(self._model)
         self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
-        self._n_past = 0
+        self._seq_past = [0] * self.n_parallel  # positions used per sequence
+        self._routers: List[RouterRuntime] = []
+        self._ahead = {}  # seq -> (token, its routes) from routes_ahead(), used by its next decode
         if router is not None:
             self._router = RouterRuntime(router)
+            self._routers = [self._router] + [self._router.new_sequence() for _ in range(self.n_parallel - 1)]
 
     # -- setup ------------------------------------------------------------------------
 
@@ -286,12 +301,13 @@ class Engine:
                                  " (truncated or unsupported GGUF?)"))
         self._model = model
 
-    def _create_context(self, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int) -> None:
+    def _create_context(self, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int, kv_unified: bool) -> None:
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = self.n_parallel
+        params.kv_unified = kv_unified
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.no_perf = True
@@ -372,8 +388,12 @@ class Engine:
 
     @property
     def n_past(self) -> int:
-        """Tokens in the current sequence."""
-        return self._n_past
+        """Tokens in sequence 0 (the one eval() and generate() use)."""
+        return self._seq_past[0]
+
+    def seq_past(self, seq: int) -> int:
+        """Tokens in sequence seq."""
+        return self._seq_past[self._seq(seq)]
 
     # -- tokens -----------------------------------------------------------------------
 
@@ -415,42 +435,140 @@ class Engine:
 
     def _decode(self, tokens: Sequence[int], all_logits: bool, out: Optional[np.ndarray] = None) -> None:
         """Feeds tokens in chunks of n_batch; copies every token's logits into `out` if given."""
-        if self._n_past + len(tokens) > self.n_ctx:
+        past = self._seq_past[0]
+        if past + len(tokens) > self.n_ctx_seq:
             raise ContextFullError(
-                f"{len(tokens)} tokens do not fit: {self._n_past} of {self.n_ctx} context positions used")
-        b = self._batch
+                f"{len(tokens)} tokens do not fit: {past} of {self.n_ctx_seq} context positions used")
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             n = len(chunk)
             last_chunk = start + n == len(tokens)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self._n_past + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = all_logits or (last_chunk and i == n - 1)
-            b.n_tokens = n
-            if self._router is not None:
-                self._hand_routes(chunk)
-            rc = llama.llama_decode(self._ctx, b)
-            if rc != 0:
-                reason = log.take_error()
-                if self._router is not None:
-                    self._cache.clear_routes()  # the failed batch's routes must not feed the next one
-                raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
-            self._n_past += n
+            self._fill_and_decode([(0, chunk, all_logits, last_chunk)])
             if out is not None:
                 # every token of the chunk is an output: its logits are rows 0..n-1, in order
                 ptr = llama.llama_get_logits(self._ctx)
                 out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def _hand_routes(self, chunk: Sequence[int]) -> None:
-        """Runs the router over the chunk (one step per token, its own KV cache) and queues
-        every token's experts for every MoE layer before the backbone sees the chunk."""
+    def _fill_and_decode(self, rows) -> None:
+        """One llama_decode of rows (seq, tokens, all_logits, last_logits), in batch order; the
+        positions continue each sequence. The caller keeps the batch within n_batch."""
+        b = self._batch
+        i = 0
+        for seq, tokens, all_logits, last_logits in rows:
+            past = self._seq_past[seq]
+            n = len(tokens)
+            for j, tok in enumerate(tokens):
+                b.token[i] = tok
+                b.pos[i] = past + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = all_logits or (last_logits and j == n - 1)
+                i += 1
+        b.n_tokens = i
+        if self._routers:
+            self._hand_routes(rows)
+        rc = llama.llama_decode(self._ctx, b)
+        if rc != 0:
+            reason = log.take_error()
+            if self._routers:
+                # the failed batch's routes must not feed the next one, nor its router states
+                self._cache.clear_routes()
+                for seq, _tokens, _a, _l in rows:
+                    self._routers[seq].keep(self._seq_past[seq])
+                self._ahead.clear()
+            raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
+        for seq, tokens, _a, _l in rows:
+            self._seq_past[seq] += len(tokens)
+
+    def _hand_routes(self, rows) -> None:
+        """Runs each sequence's router over its tokens (one step per token, its own KV cache)
+        and queues every token's experts for every MoE layer, in batch order, before the
+        backbone sees the batch."""
         t = time.perf_counter()
-        routes = self._router.routes(chunk)
+        routes = []
+        for seq, tokens, _a, _l in rows:
+            ahead = self._ahead.pop(seq, None)
+            if ahead is not None and len(tokens) == 1 and ahead[0] == tokens[0]:
+                routes.append(ahead[1][None])  # routes_ahead ran the router for this token already
+            else:
+                if ahead is not None:  # a different token comes: undo the step taken ahead
+                    self._routers[seq].keep(self._seq_past[seq])
+                routes.append(self._routers[seq].routes(tokens))
         self._router_ms += (time.perf_counter() - t) * 1e3
-        self._cache.set_routes_all(routes)
+        self._cache.set_routes_all(routes[0] if len(routes) == 1 else np.concatenate(routes))
+
+    def routes_ahead(self, seq: int, token: int) -> np.ndarray:
+        """int32 [n_moe_layer, k]: the experts a readme model's router picks for the token that
+        sequence seq decodes next; the decode reuses them (expert-aware scheduling)."""
+        if not self._routers:
+            raise StateError("only a model with a readme router knows its routes ahead")
+        ahead = self._ahead.get(seq)
+        if ahead is None or ahead[0] != token:
+            self._routers[seq].keep(self._seq_past[seq])
+            t = time.perf_counter()
+            ahead = (token, self._routers[seq].routes([token])[0])
+            self._router_ms += (time.perf_counter() - t) * 1e3
+            self._ahead[seq] = ahead
+        return ahead[1]
+
+    # -- many sequences (edgemoe.generator) ---------------------------------------------
+
+    def _seq(self, seq: int) -> int:
+        if not 0 <= seq < self.n_parallel:
+            raise InvalidArgumentError(f"sequence {seq} outside 0..{self.n_parallel - 1}")
+        return seq
+
+    def decode_batch(self, rows: Sequence[tuple]) -> List[int]:
+        """One llama_decode over several sequences: rows of (seq, tokens), each appended at its
+        sequence's next positions, logits computed for each row's last token. Returns each row's
+        output index for logits_at() and sample(). A sequence appears at most once; the tokens of
+        all rows must fit n_batch and each sequence's n_ctx_seq."""
+        self._live()
+        seen = set()
+        total = 0
+        for seq, tokens in rows:
+            if self._seq(seq) in seen:
+                raise InvalidArgumentError(f"sequence {seq} appears twice in one batch")
+            seen.add(seq)
+            if not tokens:
+                raise InvalidArgumentError(f"sequence {seq} has no tokens in the batch")
+            if self._seq_past[seq] + len(tokens) > self.n_ctx_seq:
+                raise ContextFullError(f"{len(tokens)} tokens do not fit sequence {seq}: "
+                                       f"{self._seq_past[seq]} of {self.n_ctx_seq} positions used")
+            total += len(tokens)
+        if total > self.n_batch:
+            raise InvalidArgumentError(f"a batch of {total} tokens exceeds n_batch {self.n_batch}")
+        self._fill_and_decode([(seq, [int(t) for t in tokens], False, True) for seq, tokens in rows])
+        outs, i = [], 0
+        for _seq, tokens in rows:
+            i += len(tokens)
+            outs.append(i - 1)
+        return outs
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """float32 [n_vocab]: the logits of output row i of the last decode_batch."""
+        ptr = llama.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise InvalidArgumentError(f"no logits at batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def keep_prefix(self, seq: int, n: int) -> None:
+        """Keeps the first n positions of a sequence (a prompt prefix shared with the next
+        request), forgets the rest; n = 0 empties it."""
+        self._live()
+        self._seq(seq)
+        n = max(0, min(n, self._seq_past[seq]))
+        if not llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq, n, -1):
+            raise DecodeError(f"llama.cpp cannot shorten sequence {seq} to {n} positions")
+        self._seq_past[seq] = n
+        if self._routers:
+            self._routers[seq].keep(n)
+            self._ahead.pop(seq, None)
+
+    def last_routes(self, n_rows: int) -> Optional[np.ndarray]:
+        """int32 [n_rows, n_moe_layer, k]: each MoE layer's experts for the rows of the last
+        decode (-1 where a layer skipped a row); None without an expert cache."""
+        return self._cache.last_routes(n_rows) if self._cache is not None else None
 
     @property
     def router_ms(self) -> float:
@@ -483,12 +601,29 @@ class Engine:
         """Clears the KV cache; the next eval() starts a new sequence at position 0."""
         self._live()
         llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
-        self._n_past = 0
-        if self._router is not None:
-            self._router.reset()
+        self._seq_past = [0] * self.n_parallel
+        if self._routers:
+            for r in self._routers:
+                r.reset()
+            self._ahead.clear()
             self._cache.clear_routes()
 
     # -- generation -------------------------------------------------------------------
+
+    def new_sampler(self, options):
+        """A llama.cpp sampler chain for a request's SamplingOptions; free it with
+        llama_sampler_free."""
+        seed = options.seed
+        if seed is None:
+            seed = self.seed if self.seed is not None else llama.LLAMA_DEFAULT_SEED
+        return self._sampler(options.temperature, seed & 0xFFFFFFFF, options.top_k, options.top_p, options.min_p)
+
+    def sample(self, sampler, i: int) -> int:
+        """Draws (and accepts) a token from output row i of the last decode."""
+        return int(llama.llama_sampler_sample(sampler, self._ctx, i))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
 
     def _sampler(self, temperature: float, seed: int, top_k: int, top_p: float, min_p: float):
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
@@ -549,7 +684,7 @@ class Engine:
         while not llama.llama_vocab_is_eog(self._vocab, token):
             self._n_generated += 1
             yield token
-            if self._n_generated >= max_tokens or self._n_past >= self.n_ctx:
+            if self._n_generated >= max_tokens or self._seq_past[0] >= self.n_ctx_seq:
                 break
             t, cpu = time.perf_counter(), time.process_time()
             self._decode([token], all_logits=False)

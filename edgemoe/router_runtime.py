@@ -7,6 +7,7 @@ multiply-adds per token, well under the backbone's time (BENCHMARKS.md has the s
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -95,6 +96,18 @@ class RouterRuntime:
         shape = (hp.n_layer, hp.n_head_kv, self._capacity, hp.head_dim)
         self._k = np.zeros(shape, dtype=np.float32)
         self._v = np.zeros(shape, dtype=np.float32)
+
+    def new_sequence(self) -> "RouterRuntime":
+        """Another sequence's state over the same weights (one copy of them for all sequences)."""
+        other = copy.copy(self)  # shares the weights and RoPE tables; _grow replaces, never mutates
+        other.reset()
+        return other
+
+    def keep(self, n: int) -> None:
+        """Keeps the first n positions (a kept prompt prefix); later ones are overwritten."""
+        if n < 0:
+            raise ValueError("cannot keep a negative number of positions")
+        self.n_past = min(self.n_past, n)
 
     def _grow(self, need: int) -> None:
         """Room for `need` positions: the KV cache and the RoPE tables double as needed."""
