@@ -42,6 +42,7 @@ class SamplingOptions:
     min_p: float = 0.05
     seed: Optional[int] = None  # None: the engine's seed, else random
     stop: Tuple[str, ...] = ()  # generation ends before the first of these strings
+    ignore_eos: bool = False    # go on past end-of-generation tokens (benchmarks: every stream max_tokens long)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ class Job:
         self.last_token_at: Optional[float] = None
         self.waited = 0
         self.estimate: Optional[np.ndarray] = None  # experts of its next token [n_moe_layer, k]
+        self.submitted_at = time.perf_counter()
+        self.generated: List[int] = []              # sampled tokens, in order
+        self.token_times: List[float] = []          # perf_counter() when each was sampled
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -433,9 +437,11 @@ class BatchGenerator:
                 self._m["token_latency_ms_sum"] += ms
                 self._m["token_latency_count"] += 1
         job.last_token_at = now
-        if eng.is_eog(token):
+        if eng.is_eog(token) and not job.options.ignore_eos:
             self._finish(job, "stop")
             return
+        job.generated.append(token)
+        job.token_times.append(now)
         job.n_generated += 1
         with self._lock:
             self._m["completion_tokens_total"] += 1
