@@ -39,20 +39,6 @@ def _shutting_down() -> ApiError:
                     headers={"Connection": "close"})
 
 
-def _template_errors() -> tuple:
-    """A template that refuses the messages (its raise_exception, a role it does not know) is the
-    request's fault."""
-    from edgemoe import errors
-
-    found = [getattr(errors, "ChatTemplateError", None)]
-    try:
-        import jinja2
-        found.append(jinja2.TemplateError)
-    except ImportError:
-        pass
-    return tuple(c for c in found if c is not None)
-
-
 def _api_error(e: Exception, param: str) -> ApiError:
     """The HTTP answer to an error of the generator, engine or chat template."""
     if isinstance(e, ApiError):
@@ -64,7 +50,7 @@ def _api_error(e: Exception, param: str) -> ApiError:
         return ApiError(400, str(e), param=param, code="context_length_exceeded")
     if isinstance(e, StateError):
         return _shutting_down()
-    if isinstance(e, InvalidArgumentError) or isinstance(e, _template_errors()):
+    if isinstance(e, InvalidArgumentError):  # ChatTemplateError too: the template refused the chat
         return ApiError(400, str(e), param=param)
     if isinstance(e, EdgemoeError):
         return ApiError(500, str(e), type="server_error")
@@ -130,8 +116,12 @@ class Api:
     def _prompt_tokens(self, req: GenerationRequest) -> Tuple[List[int], Tuple[str, ...]]:
         """The prompt's tokens and the template's stop strings (in the threadpool: jinja, tokenizer)."""
         if req.kind == "chat":
-            text = self.runtime.template.render(req.messages, add_generation_prompt=True)
-            return self.runtime.tokenize(text), tuple(self.runtime.template.stop)
+            template = self.runtime.template
+            text = template.render(req.messages, add_generation_prompt=True)
+            # a template that writes bos_token itself: no second BOS (llama.cpp's server strips one)
+            bos = getattr(template, "bos_token", "")
+            tokens = self.runtime.tokenize(text, add_special=not (bos and text.startswith(bos)))
+            return tokens, tuple(template.stop)
         if isinstance(req.prompt, str):
             return self.runtime.tokenize(req.prompt), ()
         return list(req.prompt), ()

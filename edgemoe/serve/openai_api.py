@@ -69,14 +69,15 @@ def _int(body: dict, name: str, default: Any = None, lo: Optional[int] = None) -
     return value
 
 
-def _number(body: dict, name: str, default: Any, lo: float, hi: float) -> Any:
+def _number(body: dict, name: str, default: Any, lo: float, hi: float, lo_open: bool = False) -> Any:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _bad(name, f"'{name}' must be a number, not {_type_name(value)}")
-    if not lo <= value <= hi:
-        raise _bad(name, f"'{name}' must be between {lo:g} and {hi:g}, not {value:g}")
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        rng = f"above {lo:g} and at most {hi:g}" if lo_open else f"between {lo:g} and {hi:g}"
+        raise _bad(name, f"'{name}' must be {rng}, not {value:g}")
     return float(value)
 
 
@@ -169,7 +170,7 @@ def _common(body: dict, kind: str, models: Collection[str]) -> dict:
             raise _bad("stream_options", "'stream_options' must be an object")
         include_usage = _bool(options, "include_usage")
     return dict(kind=kind, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=_int(body, "top_k", 0, lo=0),
+                top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", 0, lo=0),
                 min_p=_number(body, "min_p", 0.0, 0.0, 1.0), seed=_int(body, "seed"), stop=_stop(body),
                 stream=stream, include_usage=stream and include_usage)
 
@@ -214,46 +215,20 @@ def parse_completion_request(body: dict, models: Collection[str],
     return GenerationRequest(prompt=_prompt(body, n_vocab), max_tokens=_int(body, "max_tokens", 16, lo=1), **fields)
 
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else None
-                raise _bad(f"messages[{i}].content",
-                           f"messages[{i}]: only text content parts are supported"
-                           + (f", not {kind!r}" if isinstance(kind, str) else ""))
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad(f"messages[{i}].content", f"messages[{i}].content must be a string or an array of text parts")
-
-
 def _messages(body: dict) -> List[dict]:
+    """The messages as given; their roles and content are the chat template's to check
+    (edgemoe.chat_template), whose InvalidArgumentError the app answers with a 400."""
     messages = body.get("messages")
     if messages is None:
         raise _bad("messages", "'messages' is required")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "'messages' must be a non-empty array")
-    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", f"messages[{i}] must be an object, not {_type_name(m)}")
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise _bad(f"messages[{i}].role", f"messages[{i}].role must be a string")
         if m.get("tool_calls"):
             raise _bad(f"messages[{i}].tool_calls", "tool calls are not supported by edgemoe serve")
-        # OpenAI's newer name for the system role, which model templates do not know
-        msg = {"role": "system" if role == "developer" else role, "content": _content(m, i)}
-        if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
-        out.append(msg)
-    return out
+    return [dict(m) for m in messages]
 
 
 def parse_chat_request(body: dict, models: Collection[str]) -> GenerationRequest:

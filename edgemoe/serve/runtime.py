@@ -88,8 +88,9 @@ class Runtime:
             self.generator.start()
             self._started = True
 
-    def tokenize(self, text: str) -> List[int]:
-        return self.engine.tokenize(text, add_special=True, parse_special=True)
+    def tokenize(self, text: str, add_special: bool = True) -> List[int]:
+        """Text to tokens; special tokens written in the text (<|im_start|>) become those tokens."""
+        return self.engine.tokenize(text, add_special=add_special, parse_special=True)
 
     async def submit(self, tokens: List[int], options: SamplingOptions) -> Tuple[Any, asyncio.Queue]:
         """Queues a request; returns its job and the queue its events arrive on.

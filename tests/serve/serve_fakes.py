@@ -24,21 +24,24 @@ class FakeEngine:
         self.tokenized: List[str] = []
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
-        self.tokenized.append(text)
-        return ([1] if add_special else []) + [2 + len(w) for w in text.split()]
+        self.tokenized.append((text, add_special))
+        return ([1] if add_special else []) + [1 if w == "<s>" else 2 + len(w) for w in text.split()]
 
     def close(self) -> None:
         self.closed = True
 
 
 class FakeTemplate:
+    """Writes `bos_token` first, as many GGUF templates do."""
+
     stop = ("<|end|>",)
+    bos_token = "<s>"
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
-                raise InvalidArgumentError(f"unknown role {m['role']!r}")
-        text = " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages)
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise InvalidArgumentError(f"unknown role {m.get('role')!r}")
+        text = "<s> " + " ".join(f"<|{m['role']}|> {m['content']} <|end|>" for m in messages)
         return text + (" <|assistant|>" if add_generation_prompt else "")
 
 

@@ -105,8 +105,10 @@ def test_chat(served):
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello, world!", "refusal": None}
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 4
-    assert runtime.engine.tokenized == ["<|user|> hi there <|end|> <|assistant|>"]
+    # the template wrote the BOS: none added
+    assert runtime.engine.tokenized == [("<s> <|user|> hi there <|end|> <|assistant|>", False)]
     job = runtime.generator.jobs[-1]
+    assert job.tokens.count(1) == 1
     assert job.options.stop == ("X", "<|end|>")
     assert job.options.max_tokens == 64 - len(job.tokens)  # no max_tokens: the rest of the context
 
