@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, List, Tuple
 
@@ -27,8 +26,6 @@ from edgemoe.serve.openai_api import (ApiError, GenerationRequest, Reply, contex
                                       model_list, parse_chat_request, parse_completion_request)
 from edgemoe.serve.runtime import Runtime
 from edgemoe.serve.sse import DONE, EventStreamResponse, frame
-
-logger = logging.getLogger("edgemoe.serve")
 
 MAX_BODY_BYTES = 16 << 20
 _DISCONNECTED = object()  # put on a job's queue when its (non-streaming) client leaves
@@ -142,7 +139,9 @@ class Api:
             raise _api_error(e, param) from None
         reply = Reply(req.kind, self.runtime.model_id)
         if req.stream:
-            return EventStreamResponse(self._frames(reply, job, events, req.include_usage))
+            # cancelling a job that ended does nothing: on_close may always cancel
+            return EventStreamResponse(self._frames(reply, job, events, req.include_usage),
+                                       on_close=lambda: self.runtime.release(job, cancel=True))
         return await self._collect(request, reply, job, events)
 
     async def _collect(self, request: Request, reply: Reply, job: Any, events: asyncio.Queue) -> Response:

@@ -9,7 +9,7 @@ the generation) runs at once rather than when the garbage collector gets to it.
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Optional
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -28,9 +28,12 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes]):
+    def __init__(self, frames: AsyncIterator[bytes], on_close: Optional[Callable[[], None]] = None):
+        """on_close runs when the response ends, however it ends: also where the client left
+        before the first frame, when the generator never started and its `finally` never runs."""
         super().__init__(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._frames = frames
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -50,3 +53,5 @@ class EventStreamResponse(StreamingResponse):
             if aclose is not None:
                 with anyio.CancelScope(shield=True):
                     await aclose()
+            if self._on_close is not None:
+                self._on_close()

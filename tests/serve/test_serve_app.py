@@ -180,6 +180,12 @@ def test_malformed_body(served, raw):
         assert_error(client.post(path, content=raw, headers={"content-type": "application/json"}), 400)
 
 
+def test_body_too_large(served):
+    client, _ = served
+    big = b'{"prompt": "' + b"x" * (16 << 20) + b'"}'
+    assert_error(client.post("/v1/completions", content=big), 413)
+
+
 def test_wrong_types_and_unknown_model(served):
     client, _ = served
     err = assert_error(client.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"}), 400)

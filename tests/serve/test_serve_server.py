@@ -5,7 +5,6 @@ Also the command's one-line errors that come before the model loads."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import select
 import signal
