@@ -180,13 +180,19 @@ class BatchGenerator:
             edgemoe.scheduler).
         max_queue: requests that may wait for a free sequence; more raise QueueFullError.
         max_wait: the expert schedule's fairness bound, in steps.
+        step_seqs: sequences one step decodes (None: every ready one, as llama-server). Below
+            n_parallel, more sequences are ready than a step takes, and the schedule picks
+            which: fifo round-robin, expert the ones whose next experts overlap or are loaded.
         on_step: called with a StepRecord after every step (benchmarks).
     """
 
     def __init__(self, engine, schedule: str = "fifo", max_queue: int = 64, max_wait: int = 4,
-                 on_step: Optional[Callable[[StepRecord], None]] = None):
+                 on_step: Optional[Callable[[StepRecord], None]] = None, step_seqs: Optional[int] = None):
         if max_queue < 0 or max_wait < 0:
             raise InvalidArgumentError("max_queue and max_wait must be 0 or more")
+        if step_seqs is not None and step_seqs < 1:
+            raise InvalidArgumentError(f"step_seqs must be at least 1, not {step_seqs}")
+        self.step_seqs = step_seqs
         self.engine = engine
         self.scheduler = make_scheduler(schedule)
         self.schedule = schedule
@@ -210,12 +216,6 @@ class BatchGenerator:
         cache = engine.cache
         self._cache = cache
         self._moe_layers = cache.moe_layers() if cache is not None else []
-        self._slots_share: Optional[np.ndarray] = None
-        if cache is not None and self._moe_layers:
-            # a pool is shared by the layers of one shape: each layer's steady share of it
-            share = cache.info().n_slots // len(self._moe_layers)
-            if share < cache.layout.n_expert:
-                self._slots_share = np.full(len(self._moe_layers), max(1, share), dtype=np.int64)
         self._readme = engine.router is not None
 
     # -- clients (any thread) ---------------------------------------------------------
@@ -415,8 +415,11 @@ class BatchGenerator:
         resident = None
         if self.schedule == "expert" and self._cache is not None and self._moe_layers:
             resident = self._cache.resident(self._moe_layers)
-        plan = self.scheduler.plan(cands, StepLimits(max_tokens=self.engine.n_batch, slots_per_layer=self._slots_share,
-                                                     max_wait=self.max_wait, resident=resident))
+        # no cap on a step's distinct experts (slots_per_layer): measured on the inflated default
+        # model at 25 %, a step cut to what the pools hold decodes fewer tokens for less than
+        # the loads it saves (BENCHMARKS.md); the schedule chooses among the ready instead
+        plan = self.scheduler.plan(cands, StepLimits(max_tokens=self.engine.n_batch, max_wait=self.max_wait,
+                                                     resident=resident, max_seqs=self.step_seqs))
         return [(self._active[s], sizes[s]) for s in plan.seqs]
 
     def _next_experts(self, job: Job) -> Optional[np.ndarray]:

@@ -37,9 +37,10 @@ class Candidate:
 @dataclass(frozen=True)
 class StepLimits:
     max_tokens: int                             # tokens a step may hold (n_batch)
-    slots_per_layer: Optional[np.ndarray]       # int [n_moe_layer]: distinct experts a layer's pool holds; None: no limit
+    slots_per_layer: Optional[np.ndarray] = None  # int [n_moe_layer]: distinct experts a layer's pool holds; None: no limit
     max_wait: int = 4                           # a candidate that has waited this many steps goes into this step
     resident: Optional[np.ndarray] = None       # bool [n_moe_layer, n_expert]: resident (or loading) now; None: unknown
+    max_seqs: Optional[int] = None              # sequences a step may hold; None: as many as the tokens allow
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def _check(candidates: Sequence[Candidate], limits: StepLimits) -> Optional[int]
         raise InvalidArgumentError(f"max_tokens must be at least 1, got {limits.max_tokens}")
     if limits.max_wait < 0:
         raise InvalidArgumentError(f"max_wait must be 0 or more, got {limits.max_wait}")
+    if limits.max_seqs is not None and limits.max_seqs < 1:
+        raise InvalidArgumentError(f"max_seqs must be at least 1, got {limits.max_seqs}")
     n_layer = None
     seen = set()
     for c in candidates:
@@ -150,7 +153,10 @@ class FifoScheduler:
     def plan(self, candidates: Sequence[Candidate], limits: StepLimits) -> StepPlan:
         n_layer = _check(candidates, limits)
         chosen, left = [], limits.max_tokens
+        room = limits.max_seqs or len(candidates)
         for i in _fifo_order(candidates):
+            if len(chosen) == room:
+                break
             if candidates[i].n_tokens <= left:
                 chosen.append(i)
                 left -= candidates[i].n_tokens
@@ -165,7 +171,7 @@ class ExpertScheduler:
     2. Then greedily the known candidate with the least marginal cost: its experts new to the
        step and not resident, plus eps per expert new to the step but resident; ties go to the
        longer-waiting, then the earlier.
-    3. A candidate whose tokens do not fit, or that would push some layer's distinct experts
+    3. A candidate whose tokens do not fit (or past max_seqs), or that would push some layer's distinct experts
        past `slots_per_layer`, is left for a later step (a cheaper-to-pack one may still go).
        The plan is never empty while candidates exist: a first candidate over the slots goes
        alone, and the cache splits the step into waves.
@@ -178,10 +184,11 @@ class ExpertScheduler:
         n_layer = _check(candidates, limits)
         order = _fifo_order(candidates)
         chosen, left = [], limits.max_tokens
+        room = limits.max_seqs or len(candidates)
         mandatory = [i for i in order
                      if candidates[i].experts is None or candidates[i].waited >= limits.max_wait]
         for i in mandatory:
-            if candidates[i].n_tokens <= left:
+            if len(chosen) < room and candidates[i].n_tokens <= left:
                 chosen.append(i)
                 left -= candidates[i].n_tokens
         known = [i for i in order if candidates[i].experts is not None]
@@ -220,7 +227,7 @@ class ExpertScheduler:
         rank = np.arange(n, dtype=np.int64)
         tokens = np.array([candidates[i].n_tokens for i in known], dtype=np.int64)
         closed = np.iinfo(np.int64).max
-        while left > 0:
+        while left > 0 and len(chosen) < room:
             gathered = np.take(cost, flat)  # twice as fast as cost[flat]
             key = gathered.sum(axis=1) * n + rank
             key[~open_] = closed
