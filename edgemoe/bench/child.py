@@ -45,6 +45,9 @@ class ChildSpec:
     record_routes: bool = False       # return the routes every MoE layer took
     jetson: bool = False
     preload: bool = False             # load every expert that fits before the warm-up
+    n_parallel: int = 1               # streams tests: sequences decoded together
+    schedule: Optional[str] = None    # and their scheduler
+    step_seqs: Optional[int] = None   # sequences a step decodes (None: every ready one)
 
 
 def _notice(msg: str) -> None:
@@ -78,8 +81,8 @@ class _Runner:
         n_pp = max((t["n_prompt"] for t in spec.tests), default=0)
         # a prompt has at most one token per byte, plus BOS
         longest = max((len(p.encode("utf-8")) + 2 for p in spec.prompts), default=0)
-        n_ctx = max(n_pp, longest + n_gen, n_gen + 1) + 8
-        self.engine = Engine(spec.model, expert_cache=spec.expert_cache, policy=spec.policy or "default",
+        n_ctx = (max(n_pp, longest + n_gen, n_gen + 1) + 8) * spec.n_parallel
+        self.engine = Engine(spec.model, n_parallel=spec.n_parallel, expert_cache=spec.expert_cache, policy=spec.policy or "default",
                              # replayed routes are not the model's own: nothing to predict them from
                              prefetch="off" if spec.routes else spec.prefetch or "off", lookahead=spec.lookahead,
                              prefetch_top=spec.prefetch_top,
@@ -180,6 +183,8 @@ class _Runner:
                 decode_cpu_s += time.process_time() - cpu
                 tpot_ns.append(ns)
             n_tokens = n_gen
+        elif kind == "streams":
+            return self._run_streams(index, test, rep, window)
         else:
             prompt = self.prompts[(rep + 1) % len(self.prompts)]
             ttft_ns, logits = self._eval(prompt, pos)
@@ -206,6 +211,51 @@ class _Runner:
                     pred_correct=end["pred_correct"], pred_actual=end["pred_actual"],
                     bytes_read=s.bytes_read, read_ms=s.read_ms, stall_ms=s.stall_ms,
                     decode_cpu_s=decode_cpu_s, generated=generated, **decode,
+                    peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
+
+    def _run_streams(self, index: int, test: dict, rep: int, window) -> dict:
+        """n_parallel requests at once, decoded together with the spec's schedule: aggregate
+        tokens/s over the decode steps, and each stream's per-token latency (waits included)."""
+        from edgemoe.generator import BatchGenerator, SamplingOptions
+
+        e, n, n_gen = self.engine, self.spec.n_parallel, test["n_gen"]
+        steps = []
+        gen = BatchGenerator(e, schedule=self.spec.schedule or "fifo", max_queue=n, on_step=steps.append,
+                             step_seqs=self.spec.step_seqs)
+        if self.prompts:  # stream i of repetition r: the next prompts in file order
+            prompts = [self.prompts[(rep + 1 + i + rep * (n - 1)) % len(self.prompts)] for i in range(n)]
+        else:
+            prompts = [self._random_tokens(index, rep * n + i, test["n_prompt"] or 1) for i in range(n)]
+        opts = SamplingOptions(max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+        start = self._cache_counters()
+        t0 = time.perf_counter()
+        jobs = [gen.submit(p, opts, lambda ev: None) for p in prompts]
+        cpu = time.process_time()
+        gen.run_until_idle()
+        wall_ns = int((time.perf_counter() - t0) * 1e9)
+        cpu_s = time.process_time() - cpu
+        tel = self.telemetry.stop(window)
+        s = e.stats()
+        end = self._cache_counters()
+        decode = [st for st in steps if not st.prefill and st.n_generated]
+        gaps = [(b - a) * 1e3 for j in jobs for a, b in zip(j.token_times, j.token_times[1:])]
+        unique = [st.unique_experts for st in decode if st.unique_experts is not None]
+        n_tokens = sum(len(j.generated) for j in jobs)
+        decode_tokens = sum(st.n_generated for st in decode)
+        return dict(rep=rep, ns=wall_ns, n_tokens=n_tokens, n_prompt_tokens=sum(len(p) for p in prompts),
+                    ttft_ms=float(np.mean([(j.token_times[0] - t0) * 1e3 for j in jobs if j.token_times])),
+                    tpot_ms=gaps, hits=s.hits, misses=s.misses, prefetch_hits=s.prefetch_hits,
+                    prefetch_wasted=s.prefetch_wasted, prefetch_issued=s.prefetch_issued,
+                    pred_predicted=end["pred_predicted"], pred_correct=end["pred_correct"],
+                    pred_actual=end["pred_actual"], bytes_read=s.bytes_read, read_ms=s.read_ms,
+                    stall_ms=s.stall_ms, decode_cpu_s=cpu_s,
+                    generated=[t for j in jobs for t in j.generated],
+                    streams_generated=[j.generated for j in jobs],
+                    decode_steps=len(decode), decode_tokens=decode_tokens,
+                    decode_ms=sum(st.ms for st in decode),
+                    unique_experts_per_step=float(np.mean(unique)) if unique else None,
+                    # the whole run's counters, prompts included (the steps interleave them)
+                    **{f"decode_{k}": end[k] - start[k] for k in end},
                     peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
 
     def _cache_counters(self) -> dict:

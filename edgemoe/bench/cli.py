@@ -21,6 +21,7 @@ from edgemoe.errors import CliError
 POLICY_CHOICES = ("default", "lru", "lfu", "belady", "auto")
 IO_CHOICES = ("direct", "buffered", "mmap")
 PREFETCH_CHOICES = ("auto", "off", "lookahead", "routes")
+SCHEDULES = ("fifo", "expert")  # edgemoe.scheduler.SCHEDULES, without importing numpy at startup
 
 
 class _Notices:
@@ -120,11 +121,21 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
                    "generates -n tokens greedily, instead of the pp/tg tests on random tokens.")
 @click.option("--routes", "routes_file", metavar="TRACE.npz", default=None,
               help="Replay expert routes recorded by `edgemoe trace` (cache-on configurations).")
+@click.option("--parallel", "parallels", multiple=True, metavar="N[,N]",
+              help="Streams tests: N requests at once (each a --prompts prompt or -p random tokens, then -n "
+                   "greedy tokens), decoded together in one context as `edgemoe serve --parallel N` does; "
+                   "rows add aggregate decode t/s, per-token latency p50/p95 and distinct experts per step.")
+@click.option("--schedule", "schedules", multiple=True, default=("fifo",), show_default=True, metavar="S[,S]",
+              help="Step schedulers of the streams tests: fifo (every ready stream, as llama-server), expert "
+                   "(streams whose experts overlap or are resident go together; edgemoe.scheduler).")
+@click.option("--step-seqs", "step_seqs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Streams tests: sequences one step decodes (0: every ready one). Below --parallel, more "
+                   "are ready than a step takes and --schedule picks which.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random tokens.")
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
 def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size, n_gpu_layers, caches,
           policies, ios, prefetches, lookaheads, prefetch_tops, baseline, mem_limit, cold, no_warmup, preload, read_ahead, prompts_file, routes_file,
-          seed, fmt) -> None:
+          parallels, schedules, step_seqs, seed, fmt) -> None:
     """Benchmark MODEL like llama-bench: every combination of the list-valued settings, each in
     its own process, with expert-cache columns and stock llama.cpp beside it."""
     from edgemoe.bench import params as P
@@ -134,7 +145,12 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
     notice = _Notices(progress)
     try:
         model_paths = [check_model_path(m) for m in P.unique(P.split_list(models))]
-        tests = _tests(P.int_list(n_prompt, "-p"), P.int_list(n_gen, "-n"), prompts_file is not None)
+        parallel_list = P.int_list(parallels, "--parallel", 1) if parallels else []
+        schedule_list = _choices(schedules, SCHEDULES, "--schedule")
+        tests = _tests(P.int_list(n_prompt, "-p"), P.int_list(n_gen, "-n"), prompts_file is not None,
+                       bool(parallel_list))
+        if parallel_list and routes_file:
+            raise CliError("--routes replays one sequence's trace; it cannot drive --parallel streams")
         thread_list = P.int_list(threads, "-t", 1) if threads else [default_threads()]
         batches = P.int_list(batch_size, "-b", 1)
         ubatches = P.int_list(ubatch_size, "-ub", 1)
@@ -181,7 +197,8 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
                 if f.n_moe_layer == 0:
                     raise CliError(f"--routes needs a model with routed experts; {f.path} is dense")
         configs = P.expand(facts, thread_list, batches, ubatches, ngls, cache_list, policy_list, io_list,
-                           baseline, limit_arg, tests, prefetch_list, lookahead_list, top_list)
+                           baseline, limit_arg, tests, prefetch_list, lookahead_list, top_list,
+                           parallel_list, schedule_list, step_seqs or None)
 
         controller = None
         if limit_arg is not None:
@@ -235,9 +252,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _tests(pp: List[int], tg: List[int], with_prompts: bool):
+def _tests(pp: List[int], tg: List[int], with_prompts: bool, streams: bool = False):
     from edgemoe.bench.params import BenchTest
 
+    if streams:
+        if not any(n > 0 for n in tg):
+            raise CliError("--parallel needs -n above 0: streams generate")
+        prompt_lens = [0] if with_prompts else [p for p in pp if p > 0] or [1]
+        return [BenchTest("streams", p, n) for p in prompt_lens for n in tg if n > 0]
     if with_prompts:
         return [BenchTest("prompt", 0, n) for n in tg] or [BenchTest("prompt", 0, 0)]
     tests = [BenchTest("pp", p, 0) for p in pp if p > 0] + [BenchTest("tg", 0, n) for n in tg if n > 0]
@@ -252,5 +274,6 @@ def _prototype_rows(configs, opts):
 
     return [Row(n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_gpu_layers=c.n_gpu_layers, mem_limit=c.mem_limit,
                 expert_cache=c.expert_cache or "off", routes="x" if opts.routes and c.expert_cache else None,
-                prefetch=c.prefetch_label if c.expert_cache else None)
+                prefetch=c.prefetch_label if c.expert_cache else None, n_parallel=c.n_parallel,
+                schedule=c.schedule, step_seqs=c.step_seqs)
             for c in configs]

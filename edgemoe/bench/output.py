@@ -96,6 +96,10 @@ def md_columns(rows_like: Sequence[Row]) -> List[Column]:
         cols.append(("mem_limit", True, 9, _limit))
     if any(r.routes for r in rows_like):
         cols.append(("routes", False, 10, lambda r: r.routes or "-"))
+    streams = any(r.schedule for r in rows_like)
+    if streams:
+        cols += [("n_par", True, 5, lambda r: str(r.n_parallel)), ("schedule", False, 8, lambda r: r.schedule or "-"),
+                 ("step", True, 4, lambda r: str(r.step_seqs or r.n_parallel))]
     cols += [
         ("test", False, 10, lambda r: r.test),
         ("t/s", True, 16, _ts),
@@ -116,6 +120,13 @@ def md_columns(rows_like: Sequence[Row]) -> List[Column]:
             ("pf_waste", True, 8, lambda r: _num(r.prefetch_wasted)),
             ("pred_p/r", True, 9, lambda r: "-" if r.pred_precision is None else
              f"{r.pred_precision:.2f}/{r.pred_recall:.2f}"),
+        ]
+    if streams:
+        cols += [
+            ("decode t/s", True, 10, lambda r: _num(r.tokens_per_s)),
+            ("lat_p50_ms", True, 10, lambda r: _num(r.latency_p50_ms)),
+            ("lat_p95_ms", True, 10, lambda r: _num(r.latency_p95_ms)),
+            ("experts/step", True, 12, lambda r: _num(r.unique_experts_per_step)),
         ]
     cols.append(("peak_rss_bytes", True, 14, lambda r: _gib(r.peak_rss_bytes)))
     return cols

@@ -53,8 +53,10 @@ def unique(items: Sequence) -> list:
 @dataclass(frozen=True)
 class BenchTest:
     """One timed test: `pp` (a prompt of n_prompt random tokens in one call), `tg` (n_gen
-    single-token decodes of random tokens from an empty context), or `prompt` (a prompt from
-    --prompts, then n_gen greedy decodes continuing it)."""
+    single-token decodes of random tokens from an empty context), `prompt` (a prompt from
+    --prompts, then n_gen greedy decodes continuing it), or `streams` (--parallel: one such
+    request per sequence, all at once, decoded together by edgemoe.generator; prompts from
+    --prompts, else n_prompt random tokens)."""
 
     kind: str
     n_prompt: int = 0
@@ -66,6 +68,8 @@ class BenchTest:
             return f"pp{self.n_prompt}"
         if self.kind == "tg":
             return f"tg{self.n_gen}"
+        if self.kind == "streams":
+            return f"streams pp{self.n_prompt}+tg{self.n_gen}" if self.n_prompt else f"streams tg{self.n_gen}"
         return f"prompt+tg{self.n_gen}"
 
 
@@ -97,6 +101,9 @@ class Config:
     prefetch: Optional[str] = None     # None with the cache off; "off" or "lookahead"
     lookahead: int = 1
     prefetch_top: int = 0
+    n_parallel: int = 1                # sequences decoded together (streams tests)
+    schedule: Optional[str] = None     # their step scheduler: fifo or expert; None: one sequence
+    step_seqs: Optional[int] = None    # sequences a step decodes; None: every ready one
 
     @property
     def prefetch_label(self) -> str:
@@ -114,7 +121,9 @@ class Config:
         if self.expert_cache and self.prefetch not in (None, "off"):
             cache += f" prefetch {self.prefetch_label}"
         limit = f", limit {format_bytes(self.mem_limit)}" if self.mem_limit else ""
-        return f"{self.model.rsplit('/', 1)[-1]} t={self.n_threads} {cache}{limit}"
+        streams = f" x{self.n_parallel} {self.schedule}" if self.schedule else ""
+        streams += f" step {self.step_seqs}" if self.step_seqs else ""
+        return f"{self.model.rsplit('/', 1)[-1]} t={self.n_threads} {cache}{limit}{streams}"
 
 
 def budget_bytes(budget: Budget, facts: ModelFacts) -> int:
@@ -156,13 +165,16 @@ def expand(facts: Sequence[ModelFacts], threads: Sequence[int], n_batch: Sequenc
            n_gpu_layers: Sequence[int], caches: Sequence[str], policies: Sequence[str], ios: Sequence[str],
            baseline: bool, mem_limit: Optional[str], tests: Sequence[BenchTest],
            prefetches: Sequence[str] = ("off",), lookaheads: Sequence[int] = (1,),
-           prefetch_tops: Sequence[int] = (0,)) -> List[Config]:
+           prefetch_tops: Sequence[int] = (0,), parallels: Sequence[int] = (),
+           schedules: Sequence[str] = ("fifo",), step_seqs: Optional[int] = None) -> List[Config]:
     """Every combination, in llama-bench's order (model outermost), duplicates dropped.
 
     Args:
         caches: budgets as written, "off" for the cache off.
         mem_limit: None, AUTO, or a size already checked and given in bytes as a string.
         prefetches: "off", "lookahead"; lookaheads and prefetch_tops vary the lookahead ones.
+        parallels, schedules: with parallels, every configuration runs once per (n_parallel,
+            schedule); stock llama.cpp (the cache off) only with fifo, what llama-server does.
     """
     variants = []
     for p in prefetches:
@@ -193,4 +205,8 @@ def expand(facts: Sequence[ModelFacts], threads: Sequence[int], n_batch: Sequenc
                                 out.append(replace(base, mem_limit=limit))
                         if baseline and mem_limit != AUTO:
                             out.append(replace(base, mem_limit=fixed))
+    if parallels:
+        out = [replace(c, n_parallel=n, schedule=s, step_seqs=step_seqs if step_seqs and step_seqs < n else None)
+               for c in out for n in parallels for s in schedules
+               if c.expert_cache is not None or s == "fifo"]
     return unique(out)

@@ -57,6 +57,9 @@ class Row:
     read_ahead_kb: Optional[int] = None
     routes: Optional[str] = None             # the replayed trace's file name
     prompts: Optional[str] = None            # the --prompts file's name
+    n_parallel: int = 1                      # streams tests: sequences decoded together
+    schedule: Optional[str] = None           # their step scheduler (fifo, expert)
+    step_seqs: Optional[int] = None          # sequences a step decodes (None: every ready one)
     status: str = STATUS_OK
     error: Optional[str] = None
     # -- timings ---------------------------------------------------------------------------
@@ -66,6 +69,11 @@ class Row:
     tpot_ms_stddev: Optional[float] = None
     tpot_p50_ms: Optional[float] = None
     tpot_p90_ms: Optional[float] = None
+    # -- streams tests (--parallel): avg_ts is every generated token over the wall time ------------
+    tokens_per_s: Optional[float] = None     # aggregate over the decode steps (no prompt in them)
+    latency_p50_ms: Optional[float] = None   # a stream's gap between consecutive tokens, waits included
+    latency_p95_ms: Optional[float] = None
+    unique_experts_per_step: Optional[float] = None  # distinct experts per MoE layer in a decode step
     # -- the cache -------------------------------------------------------------------------
     hit_rate: Optional[float] = None
     hits: Optional[float] = None
@@ -175,6 +183,13 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
         row.compute_ms = max(0.0, tpot_all - row.stall_ms_per_token - row.cache_ms_per_token
                              - row.predict_ms_per_token - row.router_ms_per_token)
     row.peak_rss_bytes = max(r["peak_rss_bytes"] for r in reps)
+    if any("decode_steps" in r for r in reps):
+        ms = sum(r["decode_ms"] for r in reps)
+        row.tokens_per_s = sum(r["decode_tokens"] for r in reps) / (ms / 1e3) if ms > 0 else None
+        if tpot:
+            row.latency_p50_ms, row.latency_p95_ms = float(np.percentile(pooled, 50)), float(np.percentile(pooled, 95))
+        row.unique_experts_per_step = _mean([r["unique_experts_per_step"] for r in reps])
+        row.samples_generated = [g for r in reps for g in r["streams_generated"]]
 
     tel = [r["telemetry"] for r in reps]
     row.disk_read_bytes = _mean([t["disk_read_bytes"] for t in tel])

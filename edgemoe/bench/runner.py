@@ -162,7 +162,8 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                      prefetch=cfg.prefetch, lookahead=cfg.lookahead, prefetch_top=cfg.prefetch_top, tests=tests, reps=list(range(opts.repetitions)), warmup=opts.warmup and not opts.cold,
                      seed=opts.seed, prompts=opts.prompts,
                      routes=opts.routes if cfg.expert_cache else None, record_routes=opts.record_routes,
-                     jetson=opts.jetson, preload=opts.preload)
+                     jetson=opts.jetson, preload=opts.preload, n_parallel=cfg.n_parallel, schedule=cfg.schedule,
+                     step_seqs=cfg.step_seqs)
     batches = [dict(reps=[r]) for r in range(opts.repetitions)] if opts.cold else [{}]
     outcomes: List[_ChildOutcome] = []
     for change in batches:
@@ -195,8 +196,9 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                   mem_limit_cgroup=(opts.controller.name if opts.controller else "none") if cfg.mem_limit else None,
                   cold=opts.cold, read_ahead_kb=opts.read_ahead_kb.get(cfg.model),
                   routes=routes_name if first.get("replayed", True) else None,  # auto may turn the cache off
-                  prompts=opts.prompts_name, cgroup_peak_bytes=max(peaks) if peaks else None)
-        if test.kind == "prompt" and reps:
+                  prompts=opts.prompts_name, cgroup_peak_bytes=max(peaks) if peaks else None,
+                  n_parallel=cfg.n_parallel, schedule=cfg.schedule, step_seqs=cfg.step_seqs)
+        if test.kind in ("prompt", "streams") and reps:
             row.n_prompt = round(sum(r["n_prompt_tokens"] for r in reps) / len(reps))
         if failed is not None:
             row.status, row.error = failed.status, failed.error
