@@ -42,8 +42,11 @@ PER_SEQUENCE_CTX = 2048  # -c's default is this times --parallel
                    "while it computes; auto: routes for a readme model, else lookahead where the model "
                    "allows it; off: on demand (a readme model still obeys its router).")
 @click.option("--schedule", type=click.Choice(["fifo", "expert"]), default="expert", show_default=True,
-              help="Which ready sequences share a decode step: expert groups those that route to the same "
-                   "experts; fifo takes everyone, as llama-server does.")
+              help="Which ready sequences share a decode step when more are ready than --step-seqs: expert "
+                   "takes those whose next experts overlap or are loaded; fifo takes them in turn.")
+@click.option("--step-seqs", type=click.IntRange(0), default=0, show_default=True,
+              help="Sequences one decode step takes (0: every ready one, as llama-server). Below --parallel "
+                   "the schedule chooses; a small expert cache gains from it (BENCHMARKS.md).")
 @click.option("--max-wait", type=click.IntRange(0), default=4, show_default=True,
               help="Steps a sequence may be passed over by --schedule expert before it goes regardless.")
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
@@ -54,7 +57,7 @@ PER_SEQUENCE_CTX = 2048  # -c's default is this times --parallel
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log and every request.")
 def serve_command(model_path: Optional[str], host: str, port: int, parallel: int, ctx_size: Optional[int],
                   batch_size: int, threads: Optional[int], expert_cache: str, policy: str, io: str, prefetch: str,
-                  schedule: str, max_wait: int, max_queue: int, shutdown_timeout: float, seed: Optional[int],
+                  schedule: str, step_seqs: int, max_wait: int, max_queue: int, shutdown_timeout: float, seed: Optional[int],
                   verbose: bool) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
@@ -81,7 +84,8 @@ def serve_command(model_path: Optional[str], host: str, port: int, parallel: int
                         n_ctx=ctx_size or PER_SEQUENCE_CTX * parallel, n_batch=batch_size, seed=seed,
                         n_parallel=parallel, verbose=verbose)
         template = _chat_template(model_path)
-        generator = BatchGenerator(engine, schedule=schedule, max_queue=max_queue, max_wait=max_wait)
+        generator = BatchGenerator(engine, schedule=schedule, max_queue=max_queue, max_wait=max_wait,
+                                   step_seqs=step_seqs or None)
         runtime = Runtime(engine, generator, template, shutdown_timeout=shutdown_timeout)
         runtime.start()
         url = url_of(sock)
