@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgemoe.chat_session import chat_prompt_tokens
 from edgemoe.errors import ContextFullError, EdgemoeError, InvalidArgumentError, QueueFullError, StateError
 from edgemoe.generator import DoneEvent, ErrorEvent, TextEvent
 from edgemoe.serve import metrics
@@ -114,11 +115,7 @@ class Api:
         """The prompt's tokens and the template's stop strings (in the threadpool: jinja, tokenizer)."""
         if req.kind == "chat":
             template = self.runtime.template
-            text = template.render(req.messages, add_generation_prompt=True)
-            # a template that writes bos_token itself: no second BOS (llama.cpp's server strips one)
-            bos = getattr(template, "bos_token", "")
-            tokens = self.runtime.tokenize(text, add_special=not (bos and text.startswith(bos)))
-            return tokens, tuple(template.stop)
+            return chat_prompt_tokens(self.runtime.engine, template, req.messages), tuple(template.stop)
         if isinstance(req.prompt, str):
             return self.runtime.tokenize(req.prompt), ()
         return list(req.prompt), ()
