@@ -517,9 +517,7 @@ class BatchGenerator:
         with self._lock:
             gone = [j for j in self._active.values() if j.cancelled]
         for job in gone:
-            if job.pending and not job.prefilled:
-                # a prompt cut short: the KV holds what was evaluated, and the history says so
-                pass
+            # a prompt cut short leaves what was evaluated in the KV, and the history says so
             self._finish(job, "cancelled")
 
 
