@@ -475,7 +475,6 @@ class Engine:
                 self._cache.clear_routes()
                 for seq, _tokens, _a, _l in rows:
                     self._routers[seq].keep(self._seq_past[seq])
-                self._ahead.clear()
             raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
         for seq, tokens, _a, _l in rows:
             self._seq_past[seq] += len(tokens)
@@ -486,14 +485,19 @@ class Engine:
         backbone sees the batch."""
         t = time.perf_counter()
         routes = []
-        for seq, tokens, _a, _l in rows:
-            ahead = self._ahead.pop(seq, None)
-            if ahead is not None and len(tokens) == 1 and ahead[0] == tokens[0]:
-                routes.append(ahead[1][None])  # routes_ahead ran the router for this token already
-            else:
-                if ahead is not None:  # a different token comes: undo the step taken ahead
-                    self._routers[seq].keep(self._seq_past[seq])
-                routes.append(self._routers[seq].routes(tokens))
+        try:
+            for seq, tokens, _a, _l in rows:
+                ahead = self._ahead.pop(seq, None)
+                if ahead is not None and len(tokens) == 1 and ahead[0] == tokens[0]:
+                    routes.append(ahead[1][None])  # routes_ahead ran the router for this token already
+                else:
+                    if ahead is not None:  # a different token comes: undo the step taken ahead
+                        self._routers[seq].keep(self._seq_past[seq])
+                    routes.append(self._routers[seq].routes(tokens))
+        except ValueError as e:
+            for seq, _tokens, _a, _l in rows:  # no router may stay ahead of its sequence
+                self._routers[seq].keep(self._seq_past[seq])
+            raise InvalidArgumentError(f"the router refused the batch: {e}") from None
         self._router_ms += (time.perf_counter() - t) * 1e3
         self._cache.set_routes_all(routes[0] if len(routes) == 1 else np.concatenate(routes))
 
@@ -502,6 +506,9 @@ class Engine:
         sequence seq decodes next; the decode reuses them (expert-aware scheduling)."""
         if not self._routers:
             raise StateError("only a model with a readme router knows its routes ahead")
+        self._seq(seq)
+        if not 0 <= token < self.n_vocab:
+            raise InvalidArgumentError(f"token id {token} outside the vocabulary of {self.n_vocab}")
         ahead = self._ahead.get(seq)
         if ahead is None or ahead[0] != token:
             self._routers[seq].keep(self._seq_past[seq])
@@ -524,6 +531,9 @@ class Engine:
         output index for logits_at() and sample(). A sequence appears at most once; the tokens of
         all rows must fit n_batch and each sequence's n_ctx_seq."""
         self._live()
+        if not rows:
+            raise InvalidArgumentError("an empty batch")
+        rows = [(seq, [int(t) for t in tokens]) for seq, tokens in rows]
         seen = set()
         total = 0
         for seq, tokens in rows:
@@ -532,13 +542,16 @@ class Engine:
             seen.add(seq)
             if not tokens:
                 raise InvalidArgumentError(f"sequence {seq} has no tokens in the batch")
+            bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+            if bad is not None:
+                raise InvalidArgumentError(f"token id {bad} outside the vocabulary of {self.n_vocab}")
             if self._seq_past[seq] + len(tokens) > self.n_ctx_seq:
                 raise ContextFullError(f"{len(tokens)} tokens do not fit sequence {seq}: "
                                        f"{self._seq_past[seq]} of {self.n_ctx_seq} positions used")
             total += len(tokens)
         if total > self.n_batch:
             raise InvalidArgumentError(f"a batch of {total} tokens exceeds n_batch {self.n_batch}")
-        self._fill_and_decode([(seq, [int(t) for t in tokens], False, True) for seq, tokens in rows])
+        self._fill_and_decode([(seq, tokens, False, True) for seq, tokens in rows])
         outs, i = [], 0
         for _seq, tokens in rows:
             i += len(tokens)

@@ -237,7 +237,9 @@ class BatchGenerator:
         with self._lock:
             if not self._accepting:
                 raise StateError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and len(self._active) >= self.n_parallel:
+            # requests the next step admits into free sequences do not count as queued
+            free = self.n_parallel - len(self._active)
+            if len(self._waiting) - max(0, free) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already wait for one of "
                                      f"{self.n_parallel} sequences", retry_after=self._retry_after())
             job_id = next(self._ids)

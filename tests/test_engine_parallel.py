@@ -323,11 +323,6 @@ def test_bad_sequence_ids_raise(path):
                 e.routes_ahead(0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py routes_ahead does not check seq (no self._seq(seq)): seq == n_parallel raises a bare "
-    "IndexError, and seq == -1 indexes self._routers[-1], so it silently steps the last sequence's "
-    "router one token ahead under the key -1; that sequence's next decode then finds no ahead entry "
-    "to undo and gets routes computed one position late"))
 def test_routes_ahead_checks_the_sequence():
     from edgemoe.errors import InvalidArgumentError
 
@@ -393,15 +388,15 @@ def test_decode_batch_errors_leave_the_engine_usable(path):
 
 
 def test_out_of_vocab_token_default_model():
-    """llama.cpp refuses the batch (DecodeError); no sequence moves; decoding goes on exactly."""
-    from edgemoe.errors import DecodeError
+    """The batch is refused before llama.cpp sees it; no sequence moves; decoding goes on exactly."""
+    from edgemoe.errors import InvalidArgumentError
 
     with _engine(DEFAULT, n_parallel=2) as e:
         e.decode_batch([(0, [5, 6, 7]), (1, [8, 9])])
         ref = _play_from(e, [[(0, [10, 11, 12])]])
     with _engine(DEFAULT, n_parallel=2) as e:
         e.decode_batch([(0, [5, 6, 7]), (1, [8, 9])])
-        with pytest.raises(DecodeError):
+        with pytest.raises(InvalidArgumentError, match="outside the vocabulary"):
             e.decode_batch([(0, [10, 11, 12]), (1, [e.n_vocab])])
         assert (e.seq_past(0), e.seq_past(1)) == (3, 2)
         _assert_same(ref, _play_from(e, [[(0, [10, 11, 12])]]), "after the refused batch")
@@ -424,11 +419,6 @@ def _assert_same_continuation(ref, got):
         assert np.array_equal(la, lb), f"step {step}: logits differ"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py _hand_routes: with a readme model a token outside the vocabulary in a later row "
-    "raises the router's bare ValueError (not an EdgemoeError, the default model gives DecodeError) "
-    "after the earlier rows' routers already advanced; nothing rewinds them, so those sequences' "
-    "later routes are computed at shifted positions"))
 def test_out_of_vocab_token_readme_model():
     from edgemoe.errors import EdgemoeError
 
@@ -452,10 +442,7 @@ def test_out_of_vocab_token_readme_model():
 
 @pytest.mark.parametrize("path", [
     DEFAULT,
-    pytest.param(README, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine.py _hand_routes: decode_batch([]) on a readme model raises numpy's bare ValueError "
-        "'need at least one array to concatenate' (np.concatenate of no routes); the default model "
-        "raises DecodeError from llama_decode (n_tokens == 0)"))),
+    README,
 ], ids=["default", "readme"])
 def test_empty_batch_raises_an_edgemoe_error(path):
     from edgemoe.errors import EdgemoeError
@@ -468,9 +455,6 @@ def test_empty_batch_raises_an_edgemoe_error(path):
         e.decode_batch([(0, [3])])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py decode_batch: `if not tokens` raises numpy's 'truth value of an array ... is "
-    "ambiguous' ValueError for a numpy array of 2 or more token ids, which eval() accepts"))
 def test_decode_batch_takes_numpy_tokens():
     with _engine(DEFAULT, n_parallel=2) as e:
         ref = e.eval(np.array([1, 2, 3]))[-1]
@@ -479,11 +463,6 @@ def test_decode_batch_takes_numpy_tokens():
         assert np.array_equal(e.logits_at(i), ref)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py _fill_and_decode: when llama_decode fails it clears self._ahead for every sequence, "
-    "but rewinds the routers of the failed batch's sequences only; a sequence outside the batch that "
-    "had called routes_ahead keeps its router one token ahead, and its next decode (no ahead entry "
-    "left to undo) computes its routes at shifted positions"))
 def test_failed_decode_keeps_other_sequences_routes_ahead(monkeypatch):
     import edgemoe.engine as engine_module
     from edgemoe.errors import DecodeError

@@ -388,11 +388,6 @@ def test_queue_full_and_context_full():
         assert e.seq_past(0) == n - 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "generator.py submit: the queue bound counts waiting requests only once every sequence is "
-    "active (`len(self._waiting) >= self.max_queue and len(self._active) >= self.n_parallel`); "
-    "requests submitted between two steps are not active yet, so any number are accepted, and after "
-    "the next step more than max_queue wait for a sequence"))
 def test_queue_bound_holds_for_a_burst():
     from edgemoe.errors import QueueFullError
     from edgemoe.generator import BatchGenerator
