@@ -362,10 +362,11 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 def run_server(model: Path, n_parallel: int, n_gen: int, prompts: Sequence[str], *, binary: Path = SERVER_BIN,
                threads: int, ctx_per_seq: int = 1024, mem_limit: Optional[int] = None,
                read_ahead_kb: Optional[int] = 128, cold: bool = True, load_timeout_s: float = 600.0,
-               extra_args: Sequence[str] = ()) -> ServerRow:
+               extra_args: Sequence[str] = (), warmup: bool = False) -> ServerRow:
     """Starts llama-server (in a cgroup of mem_limit bytes unless None), runs one streaming
     request per prompt concurrently, stops it, and returns the row. The cgroup is removed and
-    the read-ahead restored whatever happens."""
+    the read-ahead restored whatever happens. warmup: one untimed round of the same requests
+    first, as `edgemoe bench` runs one before its repetitions."""
     from edgemoe.bench.disk import drop_file_pages, read_ahead
     from edgemoe.bench.disk import read_ahead_kb as current_read_ahead
     from edgemoe.cgroup import MemoryCgroup, find_memory_controller
@@ -414,14 +415,15 @@ def run_server(model: Path, n_parallel: int, n_gen: int, prompts: Sequence[str],
             wait_healthy(proc, url, load_timeout_s)
             row.load_s = time.monotonic() - t0
             log(f"healthy after {row.load_s:.1f} s; {n_parallel} streams of {n_gen} tokens")
-            streams = [Stream(p) for p in prompts]
-            start = threading.Barrier(n_parallel)
-            workers = [threading.Thread(target=run_stream, args=(url, s, n_gen, start), daemon=True)
-                       for s in streams]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            for _round in range(2 if warmup else 1):  # the last round is the measured one
+                streams = [Stream(p) for p in prompts]
+                start = threading.Barrier(n_parallel)
+                workers = [threading.Thread(target=run_stream, args=(url, s, n_gen, start), daemon=True)
+                           for s in streams]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
             row.peak_rss_bytes = vm_hwm(proc.pid)
             row.__dict__.update(summarize(streams))
             row.texts = [s.text for s in streams]
@@ -457,6 +459,7 @@ def main() -> int:
     ap.add_argument("--no-limit", action="store_true", help="run without a cgroup limit")
     ap.add_argument("--read-ahead", type=int, default=128, help="KiB, for the run (restored after)")
     ap.add_argument("--warm", action="store_true", help="keep the model's pages (default: drop them first)")
+    ap.add_argument("--warmup", action="store_true", help="one untimed round of the requests before the measured one")
     ap.add_argument("--prompts", type=Path, help="JSONL of prompts (default: the first N held-out paragraphs)")
     ap.add_argument("--out", type=Path, help="write the row here as JSON")
     ap.add_argument("--build-only", action="store_true")
@@ -482,7 +485,8 @@ def main() -> int:
     prompts = read_prompts(str(args.prompts))[: args.parallel] if args.prompts else default_prompts(args.parallel)
     row = run_server(args.model.resolve(), args.parallel, args.n_gen, prompts, binary=binary, threads=args.threads,
                      ctx_per_seq=args.ctx_per_seq, mem_limit=limit,
-                     read_ahead_kb=args.read_ahead if os.geteuid() == 0 else None, cold=not args.warm)
+                     read_ahead_kb=args.read_ahead if os.geteuid() == 0 else None, cold=not args.warm,
+                     warmup=args.warmup)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(asdict(row), indent=1) + "\n")
