@@ -59,7 +59,8 @@ def limit_bytes(model: Path, n_streams: int, ctx_per_seq: int) -> int:
 def run(args, log) -> dict:
     models = {"default": ensure_model(DEFAULT_MODEL, "3.5GB"),
               "readme": ensure_model(README_MODEL, "3.5GB", README_SOURCE)}
-    prompts = write_prompts(Path(args.out).with_suffix(".prompts.jsonl"), max(args.streams))
+    # repetition r's stream i takes prompt 1 + r*N + i (edgemoe.bench.child): room for two repetitions
+    prompts = write_prompts(Path(args.out).with_suffix(".prompts.jsonl"), 2 * max(args.streams) + 1)
     results = dict(machine=machine(), n_gen=args.n_gen, repetitions=args.repetitions, budget=BUDGET,
                    threads=args.threads, edgemoe=[], stock=[], commands=[])
     for name, model in models.items():
@@ -80,7 +81,8 @@ def run(args, log) -> dict:
                 from llama_server import build_server, run_server
 
                 build_server()
-                row = run_server(model, n, args.n_gen, read_prompts(str(prompts))[:n], threads=args.threads,
+                # the prompts of edgemoe's first repetition, so that the texts can be compared
+                row = run_server(model, n, args.n_gen, read_prompts(str(prompts))[1:n + 1], threads=args.threads,
                                  ctx_per_seq=CTX_PER_SEQ, mem_limit=limit, warmup=True)
                 results["stock"].append(dict(asdict(row), model_name=name))
                 results["commands"].append(f"python benchmarks/llama_server.py --model {model} --parallel {n} "
@@ -90,6 +92,26 @@ def run(args, log) -> dict:
 
 def _f(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def same_text(res: dict) -> list:
+    """Whether edgemoe's first repetition and llama-server generated the same text per stream."""
+    if not res["stock"]:
+        return []
+    from edgemoe.engine import Engine
+
+    lines = ["", "Same text as llama-server (edgemoe's first repetition, stream by stream):", ""]
+    with Engine(str(REPO / "models" / "edgemoe-tiny-q8_0.gguf"), n_ctx=64, notice=lambda m: None) as vocab:
+        for st in res["stock"]:
+            n = st["n_parallel"]
+            for r in res["edgemoe"]:
+                if r["model_name"] != st["model_name"] or r["n_parallel"] != n or not r["samples_generated"]:
+                    continue
+                texts = [vocab.detokenize(g) for g in r["samples_generated"][:n]]
+                same = sum(a == b for a, b in zip(texts, st["texts"]))
+                lines.append(f"- {r['model_name']}, {n} streams, {r['schedule']} step {r['step_seqs'] or n}: "
+                             f"{same} of {n} streams identical")
+    return lines
 
 
 def report(res: dict) -> str:
@@ -122,6 +144,7 @@ def report(res: dict) -> str:
                    f"{e['unique_experts_per_step'] / f['unique_experts_per_step'] - 1:+.0%}, decode throughput "
                    f"x{e['tokens_per_s'] / f['tokens_per_s']:.2f}, p95 latency "
                    f"x{e['latency_p95_ms'] / f['latency_p95_ms']:.2f}")
+    out += same_text(res)
     out += ["", "Commands:", ""] + [f"    {c}" for c in res["commands"]]
     return "\n".join(out)
 

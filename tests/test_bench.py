@@ -436,3 +436,40 @@ def test_prefetch_variants_and_the_time_split(edgemoe_env, tmp_path):
 def test_prefetch_flags_refuse_bad_values(model, edgemoe_env):
     _assert_one_line_error(_bench(["-m", model, "--prefetch", "sometimes"], edgemoe_env), "--prefetch")
     _assert_one_line_error(_bench(["-m", model, "--lookahead", "9"], edgemoe_env), "--lookahead")
+
+
+# -- streams (--parallel) -----------------------------------------------------------------
+
+def test_parallel_streams_rows(model, edgemoe_env, tmp_path):
+    """--parallel N --schedule fifo,expert --step-seqs S: one row per (N, schedule) with the
+    streams' fields; stock (cache off) runs fifo only; every stream generates -n tokens."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Prompt number {i} says"}) + "\n" for i in range(4)))
+    rows = _json_rows(_bench(["-m", model, "-n", "6", "-r", "2", "--no-warmup", "--expert-cache", "50%",
+                              "--baseline", "--prompts", prompts, "--parallel", "2,4", "--step-seqs", "2",
+                              "--schedule", "fifo,expert", "-t", "2", "-o", "json"], edgemoe_env))
+    got = [(r["expert_cache"], r["n_parallel"], r["schedule"], r["step_seqs"]) for r in rows]
+    assert got == [("50%", 2, "fifo", None), ("50%", 2, "expert", None), ("50%", 4, "fifo", 2),
+                   ("50%", 4, "expert", 2), ("off", 2, "fifo", None), ("off", 4, "fifo", 2)]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert r["test"] == "streams tg6" and r["n_gen"] == 6
+        # every stream of both repetitions, 6 tokens each
+        assert [len(g) for g in r["samples_generated"]] == [6] * (2 * r["n_parallel"])
+        assert r["tokens_per_s"] > 0 and r["avg_ts"] > 0
+        assert 0 < r["latency_p50_ms"] <= r["latency_p95_ms"]
+        if r["expert_cache"] == "off":
+            assert r["unique_experts_per_step"] is None  # measured through the cache
+        else:
+            # distinct experts per layer in a step: at least top-k, at most the model's experts
+            assert 2 <= r["unique_experts_per_step"] <= 8
+    # greedy streams decode the same tokens whatever the cache and the schedule
+    by = {(r["expert_cache"], r["n_parallel"], r["schedule"]): r["samples_generated"] for r in rows}
+    assert by[("50%", 2, "fifo")] == by[("off", 2, "fifo")]
+
+
+def test_parallel_flags_refuse_bad_values(model, edgemoe_env):
+    _assert_one_line_error(_bench(["-m", model, "--parallel", "2", "--schedule", "lottery"], edgemoe_env),
+                           "--schedule", "lottery")
+    _assert_one_line_error(_bench(["-m", model, "--parallel", "0"], edgemoe_env), "--parallel")
+    _assert_one_line_error(_bench(["-m", model, "--parallel", "2", "-n", "0"], edgemoe_env), "-n above 0")
