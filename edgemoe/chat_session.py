@@ -54,7 +54,7 @@ class TurnStats:
 
 class _Trim:
     """Passes text pieces on without the reply's leading and trailing whitespace: what it has
-    passed on, joined, is always the reply as the history keeps it."""
+    passed on, joined, is always the reply send() returns."""
 
     def __init__(self, on_text: Optional[Callable[[str], None]]):
         self._on_text = on_text
@@ -82,9 +82,9 @@ class ChatSession:
     """A conversation with a model: its messages, an optional system prompt, and a generator
     that keeps the KV of the last turn for the next.
 
-    Replies are kept (and returned, and streamed) without leading or trailing whitespace, as a
-    chat transcript shows them; the model's first reply token after the template's `Assistant:`
-    often carries a space.
+    Replies are returned and streamed without leading or trailing whitespace, as a chat
+    transcript shows them, and kept in the history as generated: rendered again, a reply then
+    gives the tokens the model generated, and the next turn reuses their KV.
 
     Args:
         engine: an Engine; the session decodes in it from the caller's thread.
@@ -154,9 +154,11 @@ class ChatSession:
         tokens = chat_prompt_tokens(self.engine, self.template, messages)
         trim = _Trim(on_text)
         events: dict = {}
+        raw: List[str] = []
 
         def on_event(event) -> None:
             if isinstance(event, TextEvent):
+                raw.append(event.text)
                 if "raised" in events:
                     return
                 try:
@@ -189,7 +191,7 @@ class ChatSession:
         if not isinstance(end, DoneEvent):  # run_until_idle returns only once the job ended
             raise DecodeError("the reply ended without a result")
         self.last_turn = _turn_stats(job, end)
-        self._messages = messages + [{"role": "assistant", "content": trim.text}]
+        self._messages = messages + [{"role": "assistant", "content": "".join(raw)}]
         return trim.text
 
 

@@ -27,6 +27,8 @@ PLAIN_TEMPLATE = r"""
 {%- for message in messages -%}
     {%- if message.role in ('system', 'developer') -%}
         {{- message.content ~ '\n\n' -}}
+    {%- elif message.role == 'assistant' and message.content[:1] in (' ', '\n') -%}
+        {{- 'Assistant:' ~ message.content ~ '\n' -}}
     {%- else -%}
         {{- {'user': 'User', 'assistant': 'Assistant', 'tool': 'Tool'}[message.role] ~ ': ' ~ message.content ~ '\n' -}}
     {%- endif -%}

@@ -154,13 +154,18 @@ def test_first_reply_is_generate_on_the_rendered_prompt(engine, template):
     assert reply == expected and "".join(pieces) == reply
     assert session.last_usage.prompt_tokens == len(engine.tokenize(rendered))
     assert session.last_usage.cached_tokens == 0
-    assert session.messages == messages + [{"role": "assistant", "content": reply}]
+    assert session.messages[:-1] == messages and session.messages[-1]["role"] == "assistant"
+    assert session.messages[-1]["content"].strip() == reply  # kept as generated, returned trimmed
 
+    turn1 = session.last_usage
     reply2 = session.send("And then?")
     n_first = len(engine.tokenize(rendered))
     assert session.last_usage.cached_tokens >= n_first  # the history was not evaluated again
     assert session.last_usage.prompt_tokens == len(chat_prompt_tokens(engine, template, session.messages[:-1]))
-    assert session.messages[-1] == {"role": "assistant", "content": reply2}
+    assert session.messages[-1]["content"].strip() == reply2
+    # the whole first turn was reused, the reply included: every token it generated but the
+    # last, which was sampled and never decoded
+    assert session.last_usage.cached_tokens >= turn1.prompt_tokens + turn1.completion_tokens - 1
 
     session.reset()
     assert session.messages == []
@@ -183,7 +188,7 @@ def test_cancel_keeps_the_partial_reply(engine, template):
     reply = session.send("Tell me a long story", on_text)
     assert session.last_turn.finish_reason == "cancelled"
     assert reply == "".join(seen) and session.last_usage.completion_tokens < 64
-    assert session.messages[-1] == {"role": "assistant", "content": reply}
+    assert session.messages[-1]["content"].strip() == reply
     session.send("Go on")  # the chat goes on, over the kept prefix
     assert session.last_usage.cached_tokens > 0 and session.last_turn.finish_reason in ("stop", "length")
 
