@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from edgemoe.budget import parse_budget
+from edgemoe.cache_options import cache_options
 from edgemoe.errors import CliError, EdgemoeError
 from edgemoe.files import discard, publish, temp_beside
 
@@ -80,22 +81,7 @@ def _format(value) -> str:
 @click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True)
 @click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature; 0 is greedy.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: random).")
-@click.option("--expert-cache", "expert_cache", metavar="SIZE|auto|off", default="auto", show_default=True,
-              help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
-                   "the memory this process may use; off where every expert fits; prints how) or off "
-                   "(stock llama.cpp).")
-@click.option("--policy", type=click.Choice(["auto", "default", "lru", "lfu", "belady"]), default="auto",
-              show_default=True,
-              help="Eviction policy; auto: belady for a model with a readme router (its routes are "
-                   "known ahead), else default.")
-@click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
-              help="How the cache reads experts.")
-@click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead", "routes"]), default="auto",
-              show_default=True,
-              help="routes: a readme router's routes load ahead in order of first use; lookahead: each MoE "
-                   "layer applies the next layers' routers to its input and loads the experts they pick "
-                   "while it computes; auto: routes for a readme model, else lookahead where the model "
-                   "allows it; off: on demand (a readme model still obeys its router).")
+@cache_options
 @click.option("--lookahead", type=click.IntRange(0, 8), default=1, show_default=True,
               help="Layers ahead whose predicted experts --prefetch lookahead loads (0: the predictions "
                    "only steer eviction).")

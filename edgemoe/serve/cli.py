@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 from edgemoe.budget import parse_budget
+from edgemoe.cache_options import cache_options
 from edgemoe.errors import CliError, EdgemoeError
 
 PER_SEQUENCE_CTX = 2048  # -c's default is this times --parallel
@@ -25,22 +26,7 @@ PER_SEQUENCE_CTX = 2048  # -c's default is this times --parallel
               help=f"Total context, split evenly among the sequences (default: {PER_SEQUENCE_CTX} per sequence).")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=512, show_default=True)
 @click.option("-t", "--threads", type=int, default=None, help="Compute threads (default: all CPUs).")
-@click.option("--expert-cache", "expert_cache", metavar="SIZE|auto|off", default="auto", show_default=True,
-              help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
-                   "the memory this process may use; off where every expert fits; prints how) or off "
-                   "(stock llama.cpp).")
-@click.option("--policy", type=click.Choice(["auto", "default", "lru", "lfu", "belady"]), default="auto",
-              show_default=True,
-              help="Eviction policy; auto: belady for a model with a readme router (its routes are "
-                   "known ahead), else default.")
-@click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
-              help="How the cache reads experts.")
-@click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead", "routes"]), default="auto",
-              show_default=True,
-              help="routes: a readme router's routes load ahead in order of first use; lookahead: each MoE "
-                   "layer applies the next layers' routers to its input and loads the experts they pick "
-                   "while it computes; auto: routes for a readme model, else lookahead where the model "
-                   "allows it; off: on demand (a readme model still obeys its router).")
+@cache_options
 @click.option("--schedule", type=click.Choice(["fifo", "expert"]), default="expert", show_default=True,
               help="Which ready sequences share a decode step when more are ready than --step-seqs: expert "
                    "takes those whose next experts overlap or are loaded; fifo takes them in turn.")

@@ -1,0 +1,31 @@
+"""The expert-cache options `edgemoe run` and `edgemoe serve` share, one definition for both."""
+
+from __future__ import annotations
+
+import click
+
+_OPTIONS = (
+    click.option("--expert-cache", "expert_cache", metavar="SIZE|auto|off", default="auto", show_default=True,
+                 help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
+                      "the memory this process may use; off where every expert fits; prints how) or off "
+                      "(stock llama.cpp)."),
+    click.option("--policy", type=click.Choice(["auto", "default", "lru", "lfu", "belady"]), default="auto",
+                 show_default=True,
+                 help="Eviction policy; auto: belady for a model with a readme router (its routes are "
+                      "known ahead), else default."),
+    click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
+                 help="How the cache reads experts."),
+    click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead", "routes"]), default="auto",
+                 show_default=True,
+                 help="routes: a readme router's routes load ahead in order of first use; lookahead: each MoE "
+                      "layer applies the next layers' routers to its input and loads the experts they pick "
+                      "while it computes; auto: routes for a readme model, else lookahead where the model "
+                      "allows it; off: on demand (a readme model still obeys its router)."),
+)
+
+
+def cache_options(f):
+    """Adds --expert-cache, --policy, --io and --prefetch to a click command, in that order."""
+    for option in reversed(_OPTIONS):
+        f = option(f)
+    return f
