@@ -52,3 +52,36 @@ def test_cuda_logits_match_host_experts(tiny_models, arch, n_prompt):
         got, stats = _run(path, budget, n_prompt)
         assert np.array_equal(ref, got), f"{arch} budget {budget}: max |diff| {np.abs(ref - got).max()}"
         assert stats.misses > 0
+
+
+def _run_sequences(path, budget, detach=False):
+    """Four sequences of mixed lengths in one context with -ngl 99: a prefill batch of all of
+    them, then decode steps of varying subsets (issue 12); every output row's logits."""
+    from edgemoe.engine import Engine
+
+    prompts = [list(range(300 + 7 * s, 300 + 7 * s + n)) for s, n in enumerate((3, 17, 9, 30))]
+    with Engine(path, expert_cache=budget, n_gpu_layers=99, n_threads=N_THREADS, n_ctx=4 * 128,
+                n_parallel=4) as e:
+        if detach:
+            e.cache.detach()
+        outs = e.decode_batch(list(enumerate(prompts)))
+        rows = [e.logits_at(i) for i in outs]
+        last = dict(enumerate(rows))
+        for step in range(8):
+            seqs = [s for s in range(4) if (step + s) % 3]
+            outs = e.decode_batch([(s, [int(last[s].argmax())]) for s in seqs])
+            for s, i in zip(seqs, outs):
+                last[s] = e.logits_at(i)
+                rows.append(last[s])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "olmoe"])
+def test_cuda_many_sequences_match_host_experts(tiny_models, arch):
+    from edgemoe.cache import inspect_model
+
+    path = str(tiny_models[arch])
+    ref = _run_sequences(path, "100%", detach=True)
+    for budget in ("100%", inspect_model(path).min_budget_bytes):
+        got = _run_sequences(path, budget)
+        assert np.array_equal(ref, got), f"{arch} budget {budget}: max |diff| {np.abs(ref - got).max()}"
