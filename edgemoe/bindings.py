@@ -247,10 +247,10 @@ def edgemoe_cache_clear_routes(cache, /) -> int: ...
 def edgemoe_cache_last_routes(cache, out, n_rows: int, n_moe_layer: int, k: int, /) -> int: ...
 
 
-# EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert);
+# EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, uint8_t * out, int32_t n_moe_layer, int32_t n_expert);
 @_native("edgemoe_cache_resident",
-         [edgemoe_cache_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int32], ctypes.c_int)
-def edgemoe_cache_resident(cache, layer: int, out, n_expert: int, /) -> int: ...
+         [edgemoe_cache_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int32, ctypes.c_int32], ctypes.c_int)
+def edgemoe_cache_resident(cache, out, n_moe_layer: int, n_expert: int, /) -> int: ...
 
 
 # EDGEMOE_API int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out);

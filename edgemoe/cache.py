@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -144,9 +145,12 @@ class ExpertCache:
             status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
         B.check(status)
         self._handle = handle.value
-        self.layout = inspect_model(model_path)
-        # MoE layer index (0..n_moe_layer) -> model layer, for resident()
-        self._moe_layers: Optional[List[int]] = None
+        self._model_path = model_path
+
+    @functools.cached_property
+    def layout(self) -> ModelInfo:
+        """The model's expert counts (last_routes and resident are shaped by them), read once."""
+        return inspect_model(self._model_path)
 
     @property
     def handle(self) -> int:
@@ -213,22 +217,12 @@ class ExpertCache:
                                                 lay.n_moe_layer, lay.n_expert_used))
         return out
 
-    def moe_layers(self) -> List[int]:
-        """The model layers with routed experts, in order."""
-        if self._moe_layers is None:
-            probe = np.zeros(self.layout.n_expert, dtype=np.uint8)
-            ptr = probe.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-            self._moe_layers = [layer for layer in range(self.layout.n_layer)
-                                if B.edgemoe_cache_resident(self.handle, layer, ptr, self.layout.n_expert) == 0]
-        return self._moe_layers
-
-    def resident(self, moe_layers: Sequence[int]) -> np.ndarray:
-        """bool [len(moe_layers), n_expert]: experts resident or loading now, per model layer."""
+    def resident(self) -> np.ndarray:
+        """bool [n_moe_layer, n_expert]: experts resident or loading now, MoE layers in model order."""
         lay = self.layout
-        out = np.zeros((len(moe_layers), lay.n_expert), dtype=np.uint8)
-        for i, layer in enumerate(moe_layers):
-            ptr = out[i].ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-            B.check(B.edgemoe_cache_resident(self.handle, layer, ptr, lay.n_expert))
+        out = np.zeros((lay.n_moe_layer, lay.n_expert), dtype=np.uint8)
+        B.check(B.edgemoe_cache_resident(self.handle, out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                         lay.n_moe_layer, lay.n_expert))
         return out.astype(bool)
 
     def close(self) -> None:

@@ -215,7 +215,6 @@ class BatchGenerator:
         self._latencies: Deque[float] = deque(maxlen=1024)
         cache = engine.cache
         self._cache = cache
-        self._moe_layers = cache.moe_layers() if cache is not None else []
         self._readme = engine.router is not None
 
     # -- clients (any thread) ---------------------------------------------------------
@@ -415,8 +414,8 @@ class BatchGenerator:
                 experts = self._next_experts(job)
             cands.append(Candidate(seq=job.seq, n_tokens=n, waited=job.waited, arrival=job.arrival, experts=experts))
         resident = None
-        if self.schedule == "expert" and self._cache is not None and self._moe_layers:
-            resident = self._cache.resident(self._moe_layers)
+        if self.schedule == "expert" and self._cache is not None:
+            resident = self._cache.resident()
         # no cap on a step's distinct experts (slots_per_layer): measured on the inflated default
         # model at 25 %, a step cut to what the pools hold decodes fewer tokens for less than
         # the loads it saves (BENCHMARKS.md); the schedule chooses among the ready instead

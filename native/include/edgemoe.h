@@ -152,8 +152,9 @@ EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
 // out [n_rows][n_moe_layer][k]; -1 where a layer did not compute the row (the last layer
 // computes only output rows). A scheduler's estimate of a sequence's next experts.
 EDGEMOE_API int edgemoe_cache_last_routes(const edgemoe_cache * cache, int32_t * out, int32_t n_rows, int32_t n_moe_layer, int32_t k);
-// out[e] = 1 for each expert of the layer that is resident or loading now.
-EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert);
+// out [n_moe_layer][n_expert], MoE layers in model order as last_routes: 1 for each expert
+// resident or loading now.
+EDGEMOE_API int edgemoe_cache_resident(const edgemoe_cache * cache, uint8_t * out, int32_t n_moe_layer, int32_t n_expert);
 
 // layer < 0: totals. Layers without experts report zeros.
 EDGEMOE_API int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stats * out);

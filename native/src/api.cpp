@@ -323,13 +323,13 @@ int edgemoe_cache_last_routes(const edgemoe_cache * cache, int32_t * out, int32_
     });
 }
 
-int edgemoe_cache_resident(const edgemoe_cache * cache, int32_t layer, uint8_t * out, int32_t n_expert) {
+int edgemoe_cache_resident(const edgemoe_cache * cache, uint8_t * out, int32_t n_moe_layer, int32_t n_expert) {
     return guarded([&] {
         if (!cache || !out) {
             return fail(EDGEMOE_ERR_INVALID_ARG, "cache and out are required");
         }
         std::string err;
-        const int st = cache->impl->resident(layer, out, n_expert, &err);
+        const int st = cache->impl->resident(out, n_moe_layer, n_expert, &err);
         return st == EDGEMOE_OK ? st : fail(st, err);
     });
 }

@@ -476,16 +476,16 @@ int expert_cache::last_routes(int32_t * out, int32_t n_rows, int32_t n_blocks, i
     return EDGEMOE_OK;
 }
 
-int expert_cache::resident(int32_t layer, uint8_t * out, int32_t n_expert, std::string * err) const {
-    const int32_t b = block_of_layer(layer);
-    if (b < 0 || n_expert != layout_.n_expert) {
-        *err = b < 0 ? "layer " + std::to_string(layer) + " has no routed experts"
-                     : "the model has " + std::to_string(layout_.n_expert) + " experts per layer";
+int expert_cache::resident(uint8_t * out, int32_t n_blocks, int32_t n_expert, std::string * err) const {
+    if (n_blocks != (int32_t) blocks_.size() || n_expert != layout_.n_expert) {
+        *err = "resident experts are [" + std::to_string(blocks_.size()) + "][" + std::to_string(layout_.n_expert) + "]";
         return EDGEMOE_ERR_INVALID_ARG;
     }
     std::lock_guard<std::mutex> lock(mu_);
-    for (int32_t e = 0; e < n_expert; ++e) {
-        out[e] = blocks_[b].slot_of[e] >= 0;
+    for (int32_t b = 0; b < n_blocks; ++b) {
+        for (int32_t e = 0; e < n_expert; ++e) {
+            out[(size_t) b*n_expert + e] = blocks_[b].slot_of[e] >= 0;
+        }
     }
     return EDGEMOE_OK;
 }

@@ -105,8 +105,8 @@ public:
     void ubatch_rows(const int32_t * batch_idx, int32_t n_tokens, int32_t first_row);
     // ids [n_rows][n_blocks][k] each block used for the last llama_decode's rows (-1: not computed)
     int  last_routes(int32_t * out, int32_t n_rows, int32_t n_blocks, int32_t k, std::string * err) const;
-    // out[e] = 1 when expert e of the layer is resident or loading
-    int  resident(int32_t layer, uint8_t * out, int32_t n_expert, std::string * err) const;
+    // out [n_blocks][n_expert] = 1 where the expert is resident or loading
+    int  resident(uint8_t * out, int32_t n_blocks, int32_t n_expert, std::string * err) const;
 
     layer_stats stats(int32_t layer) const; // layer < 0: total
     void reset_stats();
