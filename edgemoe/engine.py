@@ -212,7 +212,6 @@ class Engine:
         check_model_file(self.model_path)
         # a readme router's choices are the routes: it runs here, before each decode
         router = read_model_router(self.model_path).readme
-        self._router: Optional[RouterRuntime] = None
         self._router_ms = 0.0
         prefetch, policy = self._router_modes(router is not None, prefetch, policy)
         self.auto_budget = None  # with expert_cache="auto": how the budget was derived (AutoBudget)
@@ -261,8 +260,8 @@ class Engine:
         self._routers: List[RouterRuntime] = []
         self._ahead = {}  # seq -> (token, its routes) from routes_ahead(), used by its next decode
         if router is not None:
-            self._router = RouterRuntime(router)
-            self._routers = [self._router] + [self._router.new_sequence() for _ in range(self.n_parallel - 1)]
+            first = RouterRuntime(router)
+            self._routers = [first] + [first.new_sequence() for _ in range(self.n_parallel - 1)]
 
     # -- setup ------------------------------------------------------------------------
 
@@ -452,6 +451,8 @@ class Engine:
     def _fill_and_decode(self, rows) -> None:
         """One llama_decode of rows (seq, tokens, all_logits, last_logits), in batch order; the
         positions continue each sequence. The caller keeps the batch within n_batch."""
+        for _seq, tokens, _a, _l in rows:  # before any router or sequence moves
+            self.check_tokens(tokens)
         b = self._batch
         i = 0
         for seq, tokens, all_logits, last_logits in rows:
@@ -485,19 +486,14 @@ class Engine:
         backbone sees the batch."""
         t = time.perf_counter()
         routes = []
-        try:
-            for seq, tokens, _a, _l in rows:
-                ahead = self._ahead.pop(seq, None)
-                if ahead is not None and len(tokens) == 1 and ahead[0] == tokens[0]:
-                    routes.append(ahead[1][None])  # routes_ahead ran the router for this token already
-                else:
-                    if ahead is not None:  # a different token comes: undo the step taken ahead
-                        self._routers[seq].keep(self._seq_past[seq])
-                    routes.append(self._routers[seq].routes(tokens))
-        except ValueError as e:
-            for seq, _tokens, _a, _l in rows:  # no router may stay ahead of its sequence
-                self._routers[seq].keep(self._seq_past[seq])
-            raise InvalidArgumentError(f"the router refused the batch: {e}") from None
+        for seq, tokens, _a, _l in rows:
+            ahead = self._ahead.pop(seq, None)
+            if ahead is not None and len(tokens) == 1 and ahead[0] == tokens[0]:
+                routes.append(ahead[1][None])  # routes_ahead ran the router for this token already
+            else:
+                if ahead is not None:  # a different token comes: undo the step taken ahead
+                    self._routers[seq].keep(self._seq_past[seq])
+                routes.append(self._routers[seq].routes(tokens))
         self._router_ms += (time.perf_counter() - t) * 1e3
         self._cache.set_routes_all(routes[0] if len(routes) == 1 else np.concatenate(routes))
 
@@ -507,8 +503,7 @@ class Engine:
         if not self._routers:
             raise StateError("only a model with a readme router knows its routes ahead")
         self._seq(seq)
-        if not 0 <= token < self.n_vocab:
-            raise InvalidArgumentError(f"token id {token} outside the vocabulary of {self.n_vocab}")
+        self.check_tokens([token])
         ahead = self._ahead.get(seq)
         if ahead is None or ahead[0] != token:
             self._routers[seq].keep(self._seq_past[seq])
@@ -519,6 +514,12 @@ class Engine:
         return ahead[1]
 
     # -- many sequences (edgemoe.generator) ---------------------------------------------
+
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        """InvalidArgumentError for a token id outside the vocabulary."""
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise InvalidArgumentError(f"token id {bad} outside the vocabulary of {self.n_vocab}")
 
     def _seq(self, seq: int) -> int:
         if not 0 <= seq < self.n_parallel:
@@ -542,9 +543,6 @@ class Engine:
             seen.add(seq)
             if not tokens:
                 raise InvalidArgumentError(f"sequence {seq} has no tokens in the batch")
-            bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
-            if bad is not None:
-                raise InvalidArgumentError(f"token id {bad} outside the vocabulary of {self.n_vocab}")
             if self._seq_past[seq] + len(tokens) > self.n_ctx_seq:
                 raise ContextFullError(f"{len(tokens)} tokens do not fit sequence {seq}: "
                                        f"{self._seq_past[seq]} of {self.n_ctx_seq} positions used")
@@ -591,7 +589,7 @@ class Engine:
     @property
     def router(self) -> Optional[RouterRuntime]:
         """The readme router that picks this model's experts, or None."""
-        return self._router
+        return self._routers[0] if self._routers else None
 
     def eval(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
         """Appends tokens to the sequence and returns their logits, float32 [n_tokens, n_vocab].

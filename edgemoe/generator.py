@@ -229,10 +229,7 @@ class BatchGenerator:
         if len(tokens) >= self.n_ctx_seq:
             raise ContextFullError(f"the prompt has {len(tokens)} tokens; a sequence's context holds "
                                    f"{self.n_ctx_seq}, and the reply needs at least one more")
-        n_vocab = self.engine.n_vocab
-        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidArgumentError(f"token id {bad} outside the vocabulary of {n_vocab}")
+        self.engine.check_tokens(tokens)
         with self._lock:
             if not self._accepting:
                 raise StateError("the server is shutting down")
