@@ -58,6 +58,14 @@ enum edgemoe_io {
     EDGEMOE_IO_MMAP     = 2, // memcpy from a private read-only mapping
 };
 
+enum edgemoe_pool {
+    EDGEMOE_POOL_HOST   = 0, // slots in host memory; the expert matmuls run on the CPU
+    EDGEMOE_POOL_GPU    = 1, // slots where the first GPU computes on them: VRAM on a discrete GPU,
+                             // mapped pinned host memory on an integrated one (a Jetson)
+    EDGEMOE_POOL_VRAM   = 2, // VRAM: misses go through pinned staging and an upload stream per I/O thread
+    EDGEMOE_POOL_MAPPED = 3, // pinned host memory the GPU reads in place (zero-copy); any CUDA GPU
+};
+
 typedef struct edgemoe_options {
     int64_t budget_bytes;    // > 0: the slot pools' size in bytes
     double  budget_fraction; // used when budget_bytes == 0: fraction of all expert bytes, (0, 1]
@@ -68,6 +76,7 @@ typedef struct edgemoe_options {
     int32_t prefetch;        // enum edgemoe_prefetch
     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
+    int32_t pool;            // enum edgemoe_pool: where the slots live
 } edgemoe_options;
 
 typedef struct edgemoe_stats {
@@ -109,11 +118,29 @@ typedef struct edgemoe_cache_info {
     int32_t policy;           // the policy in use
     int32_t io;               // the backing store in use (after a fallback)
     int32_t prefetch;         // enum edgemoe_prefetch in use
+    int32_t pool;             // enum edgemoe_pool in use (GPU resolved to VRAM or MAPPED)
+    char    pool_device[64];  // the ggml device holding the slots ("CPU" for HOST)
 } edgemoe_cache_info;
+
+typedef struct edgemoe_gpu_info {
+    int32_t n_gpu;            // GPU devices ggml registered (0 on a CPU build)
+    int32_t integrated;       // the first GPU shares host memory (a Jetson): GPU pools are MAPPED
+    int64_t memory_free;      // the first GPU's memory, bytes
+    int64_t memory_total;
+    char    name[64];         // the first GPU's ggml device name ("CUDA0")
+    char    description[128];
+} edgemoe_gpu_info;
 
 EDGEMOE_API const char * edgemoe_last_error(void);
 
 EDGEMOE_API edgemoe_options edgemoe_default_options(void);
+
+// The GPU an EDGEMOE_POOL_GPU pool would use; n_gpu == 0 where there is none.
+EDGEMOE_API int edgemoe_gpu_inspect(edgemoe_gpu_info * out);
+
+// ggml's CPU buffer type (a ggml_backend_buffer_type_t), for llama_model_params'
+// tensor_buft_overrides: llama.cpp's --n-cpu-moe keeps layers' experts on the host with it.
+EDGEMOE_API void * edgemoe_cpu_buffer_type(void);
 
 // Describes a GGUF's experts without loading it.
 EDGEMOE_API int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out);

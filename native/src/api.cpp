@@ -5,6 +5,7 @@
 #include "llama.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -127,7 +128,38 @@ edgemoe_options edgemoe_default_options(void) {
     o.prefetch        = EDGEMOE_PREFETCH_OFF;
     o.lookahead       = 1;
     o.prefetch_top    = 0;
+    o.pool            = EDGEMOE_POOL_HOST;
     return o;
+}
+
+void * edgemoe_cpu_buffer_type(void) {
+    return ggml_backend_cpu_buffer_type();
+}
+
+int edgemoe_gpu_inspect(edgemoe_gpu_info * out) {
+    return guarded([&] {
+        if (!out) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "out is required");
+        }
+        *out = edgemoe_gpu_info{};
+        bool integrated = false;
+        ggml_backend_dev_t dev = first_gpu(&integrated);
+        if (!dev) {
+            return (int) EDGEMOE_OK;
+        }
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            const auto t = ggml_backend_dev_type(ggml_backend_dev_get(i));
+            out->n_gpu += t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU;
+        }
+        out->integrated = integrated ? 1 : 0;
+        size_t free_b = 0, total_b = 0;
+        ggml_backend_dev_memory(dev, &free_b, &total_b);
+        out->memory_free  = (int64_t) free_b;
+        out->memory_total = (int64_t) total_b;
+        snprintf(out->name, sizeof(out->name), "%s", ggml_backend_dev_name(dev));
+        snprintf(out->description, sizeof(out->description), "%s", ggml_backend_dev_description(dev));
+        return (int) EDGEMOE_OK;
+    });
 }
 
 int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out) {
@@ -191,6 +223,13 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             return fail(EDGEMOE_ERR_INVALID_ARG, "prefetch_top must be 0 (half of top-k) or more, got " + std::to_string(o.prefetch_top));
         }
         co.prefetch_top = o.prefetch_top;
+        switch (o.pool) {
+            case EDGEMOE_POOL_HOST:   co.pool = pool_kind::host;   break;
+            case EDGEMOE_POOL_GPU:    co.pool = pool_kind::gpu;    break;
+            case EDGEMOE_POOL_VRAM:   co.pool = pool_kind::vram;   break;
+            case EDGEMOE_POOL_MAPPED: co.pool = pool_kind::mapped; break;
+            default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown pool " + std::to_string(o.pool));
+        }
         switch (o.io) {
             case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
             case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
@@ -265,6 +304,8 @@ int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out
         out->policy       = (int32_t) cache->impl->policy();
         out->io           = (int32_t) cache->impl->io();
         out->prefetch     = (int32_t) cache->impl->prefetch_mode();
+        out->pool         = (int32_t) cache->impl->pool_in_use();
+        snprintf(out->pool_device, sizeof(out->pool_device), "%s", cache->impl->pool_device().c_str());
         return (int) EDGEMOE_OK;
     });
 }

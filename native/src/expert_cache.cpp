@@ -10,7 +10,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <sys/mman.h>
 
 namespace edgemoe {
 
@@ -82,6 +81,24 @@ std::unique_ptr<expert_cache> expert_cache::create(const std::string & path, con
     return c;
 }
 
+namespace {
+
+// a role's room in an uploader's staging buffer: whole pages, so that O_DIRECT reads of the
+// next role land in place too
+size_t staging_step(uint64_t slice_bytes) {
+    return (size_t) ((slice_bytes + DIRECT_ALIGN - 1)/DIRECT_ALIGN*DIRECT_ALIGN);
+}
+
+} // namespace
+
+size_t expert_cache::staging_bytes(const pool & p) {
+    size_t n = 0;
+    for (int r = 0; r < ROLE_COUNT; ++r) {
+        n += p.slice[r] ? staging_step(p.slice[r]) : 0;
+    }
+    return n;
+}
+
 expert_cache::~expert_cache() {
     {
         std::lock_guard<std::mutex> lock(mu_);
@@ -90,12 +107,6 @@ expert_cache::~expert_cache() {
     cv_jobs_.notify_all();
     for (auto & t : threads_) {
         t.join();
-    }
-    for (auto * b : buffers_) {
-        ggml_backend_buffer_free(b);
-    }
-    for (auto & m : mem_) {
-        munmap(m.first, m.second);
     }
     if (meta_) {
         ggml_free(meta_);
@@ -132,8 +143,21 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     }
     cur_block_ = (int32_t) blocks_.size() - 1;
 
-    const int32_t k = layout_.n_expert_used;
-    const uint64_t min_bytes = layout_.min_budget_bytes();
+    if (!memory_.init(opts.pool, err)) {
+        *status = EDGEMOE_ERR_INVALID_ARG;
+        return false;
+    }
+    // a GPU pool holds at least one block's experts, so that no ubatch runs in waves there:
+    // waves over a GPU pool gave wrong logits in tests (docs/cache.md, GPU pools)
+    const bool gpu = memory_.kind() != pool_kind::host;
+    const int32_t k = gpu ? layout_.n_expert : layout_.n_expert_used;
+    uint64_t min_bytes = layout_.min_budget_bytes();
+    if (gpu) {
+        min_bytes = 0;
+        for (const auto & lp : layout_.pools) {
+            min_bytes += (uint64_t) layout_.n_expert*lp.slot_bytes;
+        }
+    }
     double fraction = opts.budget_fraction;
     if (opts.budget_bytes > 0) {
         fraction = (double) opts.budget_bytes/(double) layout_.expert_bytes;
@@ -148,7 +172,9 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     if (asked < min_bytes) {
         *status = EDGEMOE_ERR_BUDGET;
         *err = "expert cache budget " + human_bytes(asked) + " is below the minimum " + human_bytes(min_bytes) +
-               " (" + std::to_string(min_bytes) + " bytes: top-" + std::to_string(k) + " experts in each of " +
+               " (" + std::to_string(min_bytes) + " bytes: " +
+               (gpu ? "a GPU pool holds one layer's " + std::to_string(k) + " experts"
+                    : "top-" + std::to_string(k) + " experts") + " in each of " +
                std::to_string(pools_.size()) + " pool" + (pools_.size() == 1 ? "" : "s") + ")";
         return false;
     }
@@ -188,7 +214,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         fprintf(stderr, "edgemoe: %s\n", notice.c_str());
     }
 
-    ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead()*(pools_.size()*ROLE_COUNT + 1), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead()*((pools_.size() + blocks_.size())*ROLE_COUNT + 1), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
     meta_ = ggml_init(ip);
     if (!meta_) {
         *status = EDGEMOE_ERR_NOMEM;
@@ -210,30 +236,13 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
             ggml_set_name(t, name);
             GGML_ASSERT((uint64_t) t->nb[2] == rt.slice_bytes);
 
-            // anonymous pages: zero (so masked matmul lanes stay finite) and page aligned
-            const size_t bytes = std::max<size_t>(ggml_nbytes(t), DIRECT_ALIGN);
-            void * mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-            if (mem == MAP_FAILED) {
+            uint8_t * mem = nullptr;
+            if (!memory_.alloc(t, &mem, err)) {
                 *status = EDGEMOE_ERR_NOMEM;
-                *err = "cannot allocate " + human_bytes(bytes) + " for the expert pool";
-                return false;
-            }
-            mem_.emplace_back(mem, bytes);
-            ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(mem, bytes);
-            if (!buf) {
-                *status = EDGEMOE_ERR_NOMEM;
-                *err = "cannot wrap the expert pool in a backend buffer";
-                return false;
-            }
-            ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-            buffers_.push_back(buf);
-            if (ggml_backend_tensor_alloc(buf, t, mem) != GGML_STATUS_SUCCESS) {
-                *status = EDGEMOE_ERR_NOMEM;
-                *err = "cannot place the expert pool tensor";
                 return false;
             }
             p.tensors[r] = t;
-            p.base[r]    = (uint8_t *) mem;
+            p.base[r]    = mem; // nullptr for VRAM: loads go through an uploader
             p.slice[r]   = rt.slice_bytes;
         }
         p.slots.assign(p.n_slots, slot());
@@ -241,6 +250,11 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         // aging over about 16 tokens' worth of steps of this pool's blocks
         const double half_life = 16.0*(double) layout_.pools[i].n_blocks;
         p.pol = make_policy(opts.policy, p.n_slots, (int32_t) blocks_.size(), layout_.n_expert, half_life);
+    }
+
+    if (gpu && !init_full_pools(err)) {
+        *status = EDGEMOE_ERR_NOMEM;
+        return false;
     }
 
     layer_block_.assign(std::max<int32_t>(layout_.n_layer, layout_.blocks.back().layer + 1), -1);
@@ -272,11 +286,86 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         read_delay_us_ = (int64_t) (atof(d)*1000.0);
     }
     const int n_threads = opts.n_io_threads > 0 ? opts.n_io_threads : 4;
-    for (int i = 0; i < n_threads; ++i) {
-        threads_.emplace_back([this] { io_worker(); });
+    if (!memory_.host_visible()) {
+        // each I/O thread reads a whole expert into its pinned staging, then uploads it
+        size_t staging = 0;
+        for (const auto & p : pools_) {
+            staging = std::max<size_t>(staging, staging_bytes(p));
+        }
+        for (int i = 0; i < n_threads; ++i) {
+            auto u = uploader::create(memory_.device(), staging, err);
+            if (!u) {
+                *status = EDGEMOE_ERR_NOMEM;
+                return false;
+            }
+            uploaders_.push_back(std::move(u));
+        }
     }
+    for (int i = 0; i < n_threads; ++i) {
+        threads_.emplace_back([this, i] { io_worker(i); });
+    }
+    queue_full_pools();
     *status = EDGEMOE_OK;
     return true;
+}
+
+bool expert_cache::init_full_pools(std::string * err) {
+    std::vector<int32_t> next(pools_.size(), 0);
+    for (size_t i = 0; i < pools_.size(); ++i) {
+        pool & p = pools_[i];
+        // quantized pools only: MMQ splits its work by the number of expert matrices, which
+        // the view restores (measured exact); for F16/F32 experts the view changed CUDA's
+        // results on an H200 while the whole pool matched stock, so they keep the whole pool
+        bool quantized = true;
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            quantized &= !p.tensors[r] || ggml_is_quantized(p.tensors[r]->type);
+        }
+        p.full = quantized && p.n_slots == layout_.pools[i].n_blocks*layout_.n_expert;
+    }
+    for (auto & bl : blocks_) {
+        pool & p = pools_[bl.pool];
+        if (!p.full) {
+            continue;
+        }
+        bl.slot_base = next[bl.pool]++*layout_.n_expert;
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            const ggml_tensor * t = p.tensors[r];
+            if (!t) {
+                continue;
+            }
+            ggml_tensor * v = ggml_view_3d(meta_, p.tensors[r], t->ne[0], t->ne[1], layout_.n_expert, t->nb[1], t->nb[2],
+                                           (size_t) bl.slot_base*t->nb[2]);
+            if (!v || ggml_backend_view_init(v) != GGML_STATUS_SUCCESS) {
+                *err = "cannot make a layer's view of the expert pool";
+                return false;
+            }
+            bl.views[r] = v;
+        }
+    }
+    return true;
+}
+
+void expert_cache::queue_full_pools() {
+    // every expert of a full pool gets its own slot now and loads in layer order; nothing is
+    // ever evicted, and a remap that finds its expert still queued promotes it to a demand read
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int32_t b = 0; b < (int32_t) blocks_.size(); ++b) {
+        block & bl = blocks_[b];
+        pool & p = pools_[bl.pool];
+        if (!p.full) {
+            continue;
+        }
+        for (int32_t e = 0; e < layout_.n_expert; ++e) {
+            const int32_t s = bl.slot_base + e;
+            slot & sl = p.slots[s];
+            sl.key = make_key(b, e);
+            sl.state = SLOT_LOADING;
+            bl.slot_of[e] = s;
+            p.pol->on_fill(s, sl.key, step_);
+            prefetch_jobs_.push_back(io_job{ bl.pool, s, b, e, sl.gen });
+        }
+    }
+    cv_jobs_.notify_all();
 }
 
 int32_t expert_cache::n_slots_total() const {
@@ -290,7 +379,7 @@ int32_t expert_cache::n_slots_total() const {
 int32_t expert_cache::max_waves() const {
     int32_t min_slots = std::numeric_limits<int32_t>::max();
     for (const auto & p : pools_) {
-        min_slots = std::min(min_slots, p.n_slots);
+        min_slots = std::min(min_slots, p.full ? layout_.n_expert : p.n_slots);
     }
     return (layout_.n_expert + min_slots - 1)/min_slots;
 }
@@ -320,9 +409,9 @@ bool expert_cache::bind(int32_t il, const ggml_tensor * up, const ggml_tensor * 
     }
     pool & p = pools_[blocks_[b].pool];
     for (int r = 0; r < ROLE_COUNT; ++r) {
-        slots[r] = p.tensors[r];
+        slots[r] = p.full ? blocks_[b].views[r] : p.tensors[r];
     }
-    *n_slots = p.n_slots;
+    *n_slots = p.full ? layout_.n_expert : p.n_slots;
     *unit = blocks_[b].unit.get();
     return true;
 }
@@ -804,9 +893,10 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         }
         p.slots[any].pin = now;
     }
+    const int32_t base = p.full ? bl.slot_base : 0; // a full pool's block sees its own view
     for (int64_t i = 0; i < n_pairs; ++i) {
         const int32_t r = bl.expert_rank[sel[i]];
-        out[i] = (r >= first && r < last) ? bl.slot_of[sel[i]] : any;
+        out[i] = ((r >= first && r < last) ? bl.slot_of[sel[i]] : any) - base;
     }
     const double total_ms = ms_since(t0);
     st.steps++;
@@ -964,7 +1054,8 @@ void expert_cache::push_job(const io_job & j, bool urgent) {
     jobs_count_++;
 }
 
-void expert_cache::io_worker() {
+void expert_cache::io_worker(int index) {
+    uploader * up = uploaders_.empty() ? nullptr : uploaders_[index].get();
     size_t bounce_size = 0;
     for (const auto & p : pools_) {
         for (int r = 0; r < ROLE_COUNT; ++r) {
@@ -998,12 +1089,12 @@ void expert_cache::io_worker() {
             }
             sl.io_started = true;
         }
-        load(job, bounce, bounce ? bounce_size : 0);
+        load(job, bounce, bounce ? bounce_size : 0, up);
     }
     free(bounce);
 }
 
-void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
+void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, uploader * up) {
     const moe_block & mb = layout_.blocks[job.block];
     pool & p = pools_[job.pool];
     const auto t0 = std::chrono::steady_clock::now();
@@ -1013,14 +1104,24 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size) {
     if (read_delay_us_ > 0) {
         std::this_thread::sleep_for(std::chrono::microseconds(read_delay_us_));
     }
+    size_t staged = 0; // VRAM: the roles lie one after another in the staging buffer
     for (int r = 0; r < ROLE_COUNT && ok; ++r) {
         const role_tensor & rt = mb.roles[r];
         if (!rt.present) {
             continue;
         }
-        uint8_t * dst = p.base[r] + (uint64_t) job.slot*p.slice[r];
+        const uint64_t slot_offset = (uint64_t) job.slot*p.slice[r];
+        uint8_t * dst = up ? up->staging() + staged : p.base[r] + slot_offset;
         ok = store_.read(dst, rt.file_offset + (uint64_t) job.expert*rt.slice_bytes, rt.slice_bytes, bounce, bounce_size, &err);
+        if (ok && up) {
+            // on this thread's own stream: it overlaps the next role's read and the compute
+            up->upload(p.tensors[r], slot_offset, staged, rt.slice_bytes);
+        }
+        staged += staging_step(rt.slice_bytes);
         bytes += rt.slice_bytes;
+    }
+    if (up) {
+        up->wait(); // the slot is ready only when its bytes are on the device
     }
     const double ms = ms_since(t0);
     {

@@ -7,6 +7,7 @@
 #include "model_layout.h"
 #include "policy.h"
 #include "predictor.h"
+#include "slot_memory.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -37,6 +38,7 @@ struct cache_options {
     prefetch_kind prefetch      = prefetch_kind::off;
     int         lookahead       = 1;   // blocks ahead the predictor prefetches (0: it only steers eviction)
     int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: half of top-k)
+    pool_kind   pool            = pool_kind::host;
 };
 
 struct layer_stats {
@@ -77,6 +79,8 @@ public:
     int32_t  n_pools() const { return (int32_t) pools_.size(); }
     io_kind  io() const { return store_.kind(); }
     policy_kind policy() const { return opts_.policy; }
+    pool_kind pool_in_use() const { return memory_.kind(); }
+    std::string pool_device() const { return memory_.device_name(); }
     int32_t  max_waves() const;
 
     // graph build (llama_expert_provider::bind / ::wave)
@@ -135,11 +139,17 @@ private:
         std::vector<slot> slots;
         std::unique_ptr<edgemoe::policy> pol;
         std::vector<int32_t> candidates; // scratch
+        // a GPU pool with a slot for every expert of its blocks: each block's experts sit at
+        // slot_base + expert and its matmuls see a view exactly n_expert wide, the shape of the
+        // stock expert tensor, so CUDA's kernels (MMQ's stream-k split) sum in stock's order
+        bool full = false;
     };
 
     struct block {
         int32_t layer = -1;
         int32_t pool  = -1;
+        int32_t slot_base = 0;                   // full pools: the block's first slot
+        std::array<ggml_tensor *, ROLE_COUNT> views {}; // full pools: the block's n_expert slots
         std::vector<int32_t> slot_of;            // expert -> slot or -1
         std::unique_ptr<wave_ctx> unit;          // the block's handle in the graph (route op userdata)
         std::map<std::pair<int32_t, int32_t>, std::unique_ptr<wave_ctx>> waves;
@@ -173,8 +183,11 @@ private:
     };
 
     expert_cache() = default;
+    static size_t staging_bytes(const pool & p); // an uploader's room for one expert of p
 
     bool init(const std::string & path, const cache_options & opts, std::string * err, int * status);
+    bool init_full_pools(std::string * err); // GPU pools that hold every expert: per-block views
+    void queue_full_pools();                 // ... and their loads, once the I/O threads run
     int32_t acquire_slot(pool & p, uint64_t now, bool for_prefetch); // under mu_
     void    evict(pool & p, int32_t s);                            // under mu_
     void    empty_slot(pool & p, int32_t s);                       // under mu_: to EMPTY, a new generation
@@ -183,8 +196,8 @@ private:
     bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
     int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
-    void    io_worker();
-    void    load(const io_job & job, void * bounce, size_t bounce_size);
+    void    io_worker(int index);
+    void    load(const io_job & job, void * bounce, size_t bounce_size, uploader * up);
     int64_t next_use(expert_key key) const;                        // under mu_
     int     check_routes(const int32_t * ids, int64_t n, int32_t k, std::string * err) const;
     void    queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens, int64_t stride, int32_t k); // under mu_
@@ -206,8 +219,8 @@ private:
     std::vector<int32_t> layer_block_;  // layer -> block or -1
 
     ggml_context *         meta_ = nullptr;
-    std::vector<ggml_backend_buffer_t> buffers_;
-    std::vector<std::pair<void *, size_t>> mem_; // anonymous mappings behind the pools
+    slot_memory            memory_;
+    std::vector<std::unique_ptr<uploader>> uploaders_; // per I/O thread, VRAM pools only
 
     mutable std::mutex      mu_;
     std::condition_variable cv_done_;   // a load finished
