@@ -40,11 +40,19 @@ EDGEMOE_IO_DIRECT = 0
 EDGEMOE_IO_BUFFERED = 1
 EDGEMOE_IO_MMAP = 2
 
+# enum edgemoe_pool
+EDGEMOE_POOL_HOST = 0
+EDGEMOE_POOL_GPU = 1
+EDGEMOE_POOL_VRAM = 2
+EDGEMOE_POOL_MAPPED = 3
+
 POLICIES = {"default": EDGEMOE_POLICY_DEFAULT, "lru": EDGEMOE_POLICY_LRU,
             "lfu": EDGEMOE_POLICY_LFU, "belady": EDGEMOE_POLICY_BELADY}
 IO_MODES = {"direct": EDGEMOE_IO_DIRECT, "buffered": EDGEMOE_IO_BUFFERED, "mmap": EDGEMOE_IO_MMAP}
 PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOOKAHEAD,
                   "routes": EDGEMOE_PREFETCH_ROUTES}
+POOLS = {"host": EDGEMOE_POOL_HOST, "gpu": EDGEMOE_POOL_GPU, "vram": EDGEMOE_POOL_VRAM,
+         "mapped": EDGEMOE_POOL_MAPPED}
 
 
 # typedef struct edgemoe_options {
@@ -57,6 +65,7 @@ PREFETCH_MODES = {"off": EDGEMOE_PREFETCH_OFF, "lookahead": EDGEMOE_PREFETCH_LOO
 #     int32_t prefetch;        // enum edgemoe_prefetch
 #     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
 #     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
+#     int32_t pool;            // enum edgemoe_pool: where the slots live
 # } edgemoe_options;
 class edgemoe_options(ctypes.Structure):
     _fields_ = [
@@ -69,6 +78,7 @@ class edgemoe_options(ctypes.Structure):
         ("prefetch", ctypes.c_int32),
         ("lookahead", ctypes.c_int32),
         ("prefetch_top", ctypes.c_int32),
+        ("pool", ctypes.c_int32),
     ]
 
 
@@ -145,6 +155,8 @@ class edgemoe_model_info(ctypes.Structure):
 #     int32_t policy;           // the policy in use
 #     int32_t io;               // the backing store in use (after a fallback)
 #     int32_t prefetch;         // enum edgemoe_prefetch in use
+#     int32_t pool;             // enum edgemoe_pool in use (GPU resolved to VRAM or MAPPED)
+#     char    pool_device[64];  // the ggml device holding the slots ("CPU" for HOST)
 # } edgemoe_cache_info;
 class edgemoe_cache_info(ctypes.Structure):
     _fields_ = [
@@ -154,6 +166,27 @@ class edgemoe_cache_info(ctypes.Structure):
         ("policy", ctypes.c_int32),
         ("io", ctypes.c_int32),
         ("prefetch", ctypes.c_int32),
+        ("pool", ctypes.c_int32),
+        ("pool_device", ctypes.c_char * 64),
+    ]
+
+
+# typedef struct edgemoe_gpu_info {
+#     int32_t n_gpu;            // GPU devices ggml registered (0 on a CPU build)
+#     int32_t integrated;       // the first GPU shares host memory (a Jetson): GPU pools are MAPPED
+#     int64_t memory_free;      // the first GPU's memory, bytes
+#     int64_t memory_total;
+#     char    name[64];         // the first GPU's ggml device name ("CUDA0")
+#     char    description[128];
+# } edgemoe_gpu_info;
+class edgemoe_gpu_info(ctypes.Structure):
+    _fields_ = [
+        ("n_gpu", ctypes.c_int32),
+        ("integrated", ctypes.c_int32),
+        ("memory_free", ctypes.c_int64),
+        ("memory_total", ctypes.c_int64),
+        ("name", ctypes.c_char * 64),
+        ("description", ctypes.c_char * 128),
     ]
 
 
@@ -191,6 +224,16 @@ def edgemoe_last_error() -> bytes: ...
 # EDGEMOE_API edgemoe_options edgemoe_default_options(void);
 @_native("edgemoe_default_options", [], edgemoe_options)
 def edgemoe_default_options() -> edgemoe_options: ...
+
+
+# EDGEMOE_API int edgemoe_gpu_inspect(edgemoe_gpu_info * out);
+@_native("edgemoe_gpu_inspect", [ctypes.POINTER(edgemoe_gpu_info)], ctypes.c_int)
+def edgemoe_gpu_inspect(out, /) -> int: ...
+
+
+# EDGEMOE_API void * edgemoe_cpu_buffer_type(void);
+@_native("edgemoe_cpu_buffer_type", [], ctypes.c_void_p)
+def edgemoe_cpu_buffer_type() -> int: ...
 
 
 # EDGEMOE_API int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out);

@@ -74,6 +74,28 @@ class CacheInfo:
     policy: str
     io: str
     prefetch: str
+    pool: str = "host"          # where the slots live: host, vram or mapped
+    pool_device: str = "CPU"    # the ggml device holding them
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The GPU a "gpu" pool would use (edgemoe_gpu_inspect); n_gpu == 0 on a CPU build."""
+
+    n_gpu: int
+    integrated: bool
+    memory_free: int
+    memory_total: int
+    name: str
+    description: str
+
+
+def inspect_gpu() -> GpuInfo:
+    out = B.edgemoe_gpu_info()
+    B.check(B.edgemoe_gpu_inspect(ctypes.byref(out)))
+    return GpuInfo(n_gpu=out.n_gpu, integrated=bool(out.integrated), memory_free=out.memory_free,
+                   memory_total=out.memory_total, name=out.name.decode(errors="replace"),
+                   description=out.description.decode(errors="replace"))
 
 
 def _encode_path(path) -> bytes:
@@ -110,11 +132,14 @@ class ExpertCache:
         lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
         prefetch_top: predicted experts per token to load, the router's most likely first
             (0: half of the model's top-k).
+        pool: where the slots live and so where the expert matmuls run: "host" (the CPU),
+            "gpu" (VRAM on a discrete GPU, pinned host memory read in place on an integrated
+            one), "vram" or "mapped" (either, forced).
     """
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
                  n_io_threads: int = 0, quiet: bool = False, prefetch: str = "off", lookahead: int = 1,
-                 prefetch_top: int = 0):
+                 prefetch_top: int = 0, pool: str = "host"):
         self._handle: Optional[int] = None  # close() must work however far __init__ got
         self._attached = False
         if policy not in B.POLICIES:
@@ -124,6 +149,8 @@ class ExpertCache:
         if prefetch not in B.PREFETCH_MODES and prefetch != "auto":
             raise InvalidArgumentError(f"unknown prefetch {prefetch!r}; expected one of auto, "
                                        f"{', '.join(B.PREFETCH_MODES)}")
+        if pool not in B.POOLS:
+            raise InvalidArgumentError(f"unknown pool {pool!r}; expected one of {', '.join(B.POOLS)}")
         if budget.auto:
             raise InvalidArgumentError("an auto budget is sized by the Engine (edgemoe.auto_budget); "
                                        "give ExpertCache bytes or a fraction")
@@ -137,6 +164,7 @@ class ExpertCache:
         opts.prefetch = B.PREFETCH_MODES["lookahead" if prefetch == "auto" else prefetch]
         opts.lookahead = lookahead
         opts.prefetch_top = prefetch_top
+        opts.pool = B.POOLS[pool]
         handle = B.edgemoe_cache_p()
         status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
         if prefetch == "auto" and status == B.EDGEMOE_ERR_INVALID_ARG and \
@@ -172,7 +200,8 @@ class ExpertCache:
         B.check(B.edgemoe_cache_info_get(self.handle, ctypes.byref(out)))
         return CacheInfo(budget_bytes=out.budget_bytes, n_slots=out.n_slots, n_pools=out.n_pools,
                          policy=_name_of(B.POLICIES, out.policy), io=_name_of(B.IO_MODES, out.io),
-                         prefetch=_name_of(B.PREFETCH_MODES, out.prefetch))
+                         prefetch=_name_of(B.PREFETCH_MODES, out.prefetch),
+                         pool=_name_of(B.POOLS, out.pool), pool_device=out.pool_device.decode(errors="replace"))
 
     def stats(self, layer: int = -1) -> CacheStats:
         """Totals for layer < 0; zeros for layers without experts."""

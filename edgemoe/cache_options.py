@@ -21,11 +21,16 @@ _OPTIONS = (
                       "layer applies the next layers' routers to its input and loads the experts they pick "
                       "while it computes; auto: routes for a readme model, else lookahead where the model "
                       "allows it; off: on demand (a readme model still obeys its router)."),
+    click.option("--expert-pool", "expert_pool", type=click.Choice(["auto", "host", "gpu", "vram", "mapped"]),
+                 default="auto", show_default=True,
+                 help="Where the cache's slots live, and so where the expert matmuls run. auto: the GPU's with "
+                      "-ngl above 0 on a GPU build, else host; gpu: VRAM on a discrete GPU, pinned host memory "
+                      "the GPU reads in place on an integrated one (a Jetson); vram, mapped: either, forced."),
 )
 
 
 def cache_options(f):
-    """Adds --expert-cache, --policy, --io and --prefetch to a click command, in that order."""
+    """Adds --expert-cache, --policy, --io, --prefetch and --expert-pool to a click command, in that order."""
     for option in reversed(_OPTIONS):
         f = option(f)
     return f

@@ -17,12 +17,13 @@ from edgemoe import log
 from edgemoe.cpus import default_threads
 from edgemoe.files import check_model_file
 from edgemoe._native import llama
-from edgemoe.bindings import IO_MODES, POLICIES
+from edgemoe.bindings import IO_MODES, POLICIES, POOLS
 from edgemoe.budget import Budget, parse_budget
 from edgemoe.cache import CacheStats, ExpertCache
 from edgemoe.errors import (ContextFullError, DecodeError, InvalidArgumentError, ModelLoadError,
                             NoExpertsError, StateError)
 from edgemoe.model_router import read_model_router
+from edgemoe.placement import cpu_moe_overrides, resolve_pool
 from edgemoe.router_runtime import RouterRuntime
 
 # The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
@@ -95,6 +96,7 @@ class EngineStats:
     predict_ms: float = 0.0
     router_ms: float = 0.0      # the readme router over every token since reset_stats()
     expert_cache_bytes: int = 0
+    expert_pool: Optional[str] = None  # where the slots live: host, vram or mapped (None: no cache)
     peak_rss_bytes: int = 0
     n_prompt_tokens: int = 0
     n_generated: int = 0
@@ -171,6 +173,14 @@ class Engine:
             each gets n_ctx // n_parallel positions. eval(), generate() and reset() use sequence 0.
         kv_unified: one KV buffer shared by the sequences (llama-server's default); False gives
             each its own stream, and llama.cpp then splits a batch by sequence.
+        expert_pool: where the cache's slots live, and so where the expert matmuls run:
+            "auto" (the GPU's when layers are offloaded with n_gpu_layers and a GPU is there,
+            else the host), "host", "gpu" (VRAM on a discrete GPU, pinned host memory the GPU
+            reads in place on an integrated one such as a Jetson), "vram" or "mapped".
+        n_cpu_moe: without a cache, keep the routed experts of the first N layers in host
+            memory and compute them on the CPU, as llama.cpp's --n-cpu-moe does.
+        n_io_threads: the cache's reading threads (0: the native default, 4); with a VRAM pool
+            each also uploads what it read, on its own stream.
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
@@ -179,7 +189,7 @@ class Engine:
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
                  notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
                  prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0, n_parallel: int = 1,
-                 kv_unified: bool = True):
+                 kv_unified: bool = True, expert_pool: str = "auto", n_cpu_moe: int = 0, n_io_threads: int = 0):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -207,7 +217,14 @@ class Engine:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of auto, {', '.join(POLICIES)}")
         if io not in IO_MODES:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(IO_MODES)}")
+        if expert_pool not in POOLS and expert_pool != "auto":
+            raise InvalidArgumentError(f"unknown expert pool {expert_pool!r}; expected one of auto, {', '.join(POOLS)}")
+        if n_cpu_moe < 0:
+            raise InvalidArgumentError(f"n_cpu_moe must be 0 or more, not {n_cpu_moe}")
         budget = parse_budget(expert_cache)
+        if budget is not None and n_cpu_moe:
+            raise InvalidArgumentError("n_cpu_moe places experts without a cache (llama.cpp's --n-cpu-moe); "
+                                       "with a cache, the expert pool decides where they are")
         log.install(verbose)
         check_model_file(self.model_path)
         # a readme router's choices are the routes: it runs here, before each decode
@@ -234,14 +251,16 @@ class Engine:
                 try:
                     self._cache = ExpertCache(self.model_path, budget, policy=policy, io=io,
                                               prefetch=prefetch, lookahead=lookahead,
-                                              prefetch_top=prefetch_top)
+                                              prefetch_top=prefetch_top,
+                                              pool=resolve_pool(expert_pool, n_gpu_layers),
+                                              n_io_threads=n_io_threads)
                 except NoExpertsError:
                     self._notice(f"notice: {os.path.basename(self.model_path)} has no routed experts "
                                  f"(dense model); running without an expert cache")
             if not _backend_ready:
                 llama.llama_backend_init()
                 _backend_ready = True
-            self._load_model(n_gpu_layers)
+            self._load_model(n_gpu_layers, n_cpu_moe)
             self._create_context(n_ctx, n_batch, n_ubatch, n_threads or default_threads(), kv_unified)
             if self._cache is not None:
                 self._cache.attach(self._ctx)
@@ -280,9 +299,12 @@ class Engine:
             policy = "belady" if prefetch == "routes" else "default"
         return prefetch, policy
 
-    def _load_model(self, n_gpu_layers: int) -> None:
+    def _load_model(self, n_gpu_layers: int, n_cpu_moe: int) -> None:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if n_cpu_moe:
+            self._buft_overrides = cpu_moe_overrides(n_cpu_moe)  # alive while llama.cpp reads it
+            params.tensor_buft_overrides = ctypes.cast(self._buft_overrides, ctypes.c_void_p)
         params.load_mode = llama.LLAMA_LOAD_MODE_MMAP  # the cache needs the experts in a mapping
         if self._cache is not None:
             overrides = (llama.llama_model_kv_override * 2)()
@@ -315,8 +337,9 @@ class Engine:
             # the CPU flash-attention kernel rounds Q to f16, which an f32 cache is meant to avoid
             params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self._cache is not None:
-            # experts stay on the host with a cache: copying the slot pool to a GPU for large
-            # batches would cost more than it saves, and compute the MoE with other kernels
+            # a host pool stays on the host: copying it to a GPU for large batches would cost
+            # more than it saves, and compute the MoE with other kernels (a GPU pool is on the
+            # GPU already)
             params.op_offload = False
         if self._recorder is not None:
             from edgemoe.bindings import edgemoe_route_recorder_eval_cb_address
@@ -746,13 +769,14 @@ class Engine:
         total = None
         if self._cache is not None:
             total = self._cache.stats(-1)
+            info = self._cache.info()
             cache = dict(hit_rate=total.hit_rate, hits=total.hits, misses=total.misses,
                          prefetch_hits=total.prefetch_hits, prefetch_wasted=total.prefetch_wasted,
                          prefetch_issued=total.prefetch_issued, prefetch_cancelled=total.prefetch_cancelled,
                          pred_precision=total.pred_precision, pred_recall=total.pred_recall,
                          bytes_read=total.bytes_read, read_ms=total.read_ms, stall_ms=total.stall_ms,
                          cache_ms=total.book_ms, predict_ms=total.predict_ms,
-                         expert_cache_bytes=self._cache.info().budget_bytes)
+                         expert_cache_bytes=info.budget_bytes, expert_pool=info.pool)
             for il in range(self.n_layer):
                 s: CacheStats = self._cache.stats(il)
                 layers.append(LayerStats(layer=il, hits=s.hits, misses=s.misses, prefetch_hits=s.prefetch_hits,

@@ -24,7 +24,8 @@ from edgemoe.files import discard, publish, temp_beside
 # per-layer list. The *_per_token lines split a decode step (docs/cache.md, "Where the time goes").
 STATS_FIELDS = ("ttft_ms", "tpot_ms", "tokens_per_s", "hit_rate", "hits", "misses",
                 "bytes_read", "stall_ms", "peak_rss_bytes", "compute_ms_per_token", "stall_ms_per_token",
-                "cache_ms_per_token", "predict_ms_per_token", "bytes_read_per_token", "cpu_s_per_token")
+                "cache_ms_per_token", "predict_ms_per_token", "bytes_read_per_token", "cpu_s_per_token",
+                "expert_pool")
 PREFETCH_FIELDS = ("prefetch_hits_per_token", "prefetch_wasted_per_token", "pred_precision", "pred_recall")
 # a model with a readme router: its time, and what loading its routes ahead did
 ROUTER_FIELDS = ("router_ms_per_token", "prefetch_hits_per_token", "prefetch_wasted_per_token")
@@ -98,7 +99,7 @@ def _format(value) -> str:
 @click.pass_context
 def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: int, threads: Optional[int],
         ctx_size: int, batch_size: int, ubatch_size: int, n_gpu_layers: int, temp: float, seed: Optional[int],
-        expert_cache: str, policy: str, io: str, prefetch: str, lookahead: int, prefetch_top: int,
+        expert_cache: str, policy: str, io: str, prefetch: str, expert_pool: str, lookahead: int, prefetch_top: int,
         show_stats: bool, stats_json: Optional[str], verbose: bool, interactive: bool,
         system: Optional[str]) -> None:
     """Generate text from PROMPT, streaming it to stdout; with -i, chat."""
@@ -123,7 +124,7 @@ def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: i
         engine = Engine(model_path, expert_cache=budget, policy=policy, io=io, n_threads=threads,
                         n_ctx=ctx_size, n_batch=batch_size, n_ubatch=ubatch_size,
                         n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose, prefetch=prefetch,
-                        lookahead=lookahead, prefetch_top=prefetch_top)
+                        lookahead=lookahead, prefetch_top=prefetch_top, expert_pool=expert_pool)
         if interactive:
             _chat(engine, model_path, first, system, n_predict, temp, seed, show_stats, json_out)
             return
