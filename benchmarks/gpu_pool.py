@@ -1,0 +1,183 @@
+"""Experts on the GPU (issue 13): edgemoe's CUDA slot pool against llama.cpp's own placements.
+
+The trained default model (real routing) inflated to --size (8.5 GB: 8 MoE layers of 64 Q8_0
+experts, 16.5 MB each), every layer offloaded (-ngl 99), greedy decoding of -n tokens after each
+of --prompts held-out paragraphs. Each configuration runs in its own process:
+
+  gpu-all       cache off, every expert in VRAM (stock -ngl 99)
+  cpu-experts   cache off, every expert on the CPU (stock --n-cpu-moe = all MoE layers)
+  n-cpu-moe     cache off, the first layers' experts on the CPU so that --budget of the expert
+                bytes stay in VRAM (stock --n-cpu-moe N at equal VRAM)
+  edgemoe ...   a --budget cache: VRAM pool ("vram"), pinned host memory the GPU reads in place
+                ("mapped", the Jetson's zero-copy pool; over PCIe here), or the host pool (expert
+                matmuls on the CPU, the pre-issue-13 behaviour); warm reads from the page cache
+                (--io buffered, the file read once before), cold ones with O_DIRECT.
+
+Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
+device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
+row says whether its text equals gpu-all's for every prompt.
+
+    python benchmarks/gpu_pool.py --out benchmarks/out/gpu-pool.jsonl      (on a CUDA build)
+    python benchmarks/gpu_pool.py --report benchmarks/out/gpu-pool.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_routing import SOURCE, ensure_model, write_prompts  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
+    """(label, Engine keyword arguments, cold) for every configuration, in table order."""
+    pct = f"{round(budget * 100)}%"
+    keep = round(budget * n_moe_layer)  # layers whose experts stay in VRAM at equal VRAM
+    cache = dict(expert_cache=pct, prefetch="auto", n_io_threads=io_threads)
+    return [
+        ("gpu-all", dict(), False),
+        (f"n-cpu-moe {n_moe_layer - keep}", dict(n_cpu_moe=n_moe_layer - keep), False),
+        ("cpu-experts", dict(n_cpu_moe=n_moe_layer), False),
+        (f"edgemoe vram {pct} warm", dict(cache, expert_pool="vram", io="buffered"), False),
+        (f"edgemoe vram {pct} warm, prefetch off", dict(cache, expert_pool="vram", io="buffered", prefetch="off"),
+         False),
+        (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True),
+        (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False),
+        (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False),
+    ]
+
+
+def drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_through(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def child(spec: dict) -> dict:
+    """One configuration in this process: load, decode every prompt greedily, report."""
+    from edgemoe.cache import inspect_gpu
+    from edgemoe.engine import Engine
+
+    free0 = inspect_gpu().memory_free
+    t0 = time.perf_counter()
+    with Engine(spec["model"], n_gpu_layers=99, n_ctx=2048, **spec["kw"]) as e:
+        load_s = time.perf_counter() - t0
+        vram = free0 - inspect_gpu().memory_free
+        "".join(e.generate(spec["prompts"][0], max_tokens=8, temperature=0))  # warm-up, untimed
+        texts, tps, tpot, stats = [], [], [], None
+        e.reset_stats()
+        for p in spec["prompts"]:
+            texts.append("".join(e.generate(p, max_tokens=spec["n_gen"], temperature=0)))
+            s = e.stats()
+            tpot.append(s.tpot_ms)
+            tps.append(1000.0 / s.tpot_ms)
+        stats = e.stats()
+        return dict(tokens_per_s=sum(tps) / len(tps), tpot_ms=sum(tpot) / len(tpot), vram_bytes=vram,
+                    load_s=load_s, texts=texts, hit_rate=stats.hit_rate, expert_pool=stats.expert_pool,
+                    bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])))
+
+
+def run(args) -> list:
+    from edgemoe.cache import inspect_gpu, inspect_model
+
+    model = ensure_model(Path(args.model), args.size, SOURCE)
+    info = inspect_model(model)
+    gpu = inspect_gpu()
+    prompts_file = write_prompts(Path(args.model).with_suffix(".prompts.jsonl"), args.prompts)
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
+    rows = []
+    out = open(args.out, "w") if args.out else None
+    head = dict(model=str(model), file_bytes=model.stat().st_size, expert_bytes=info.expert_bytes,
+                n_moe_layer=info.n_moe_layer, n_expert=info.n_expert, n_expert_used=info.n_expert_used,
+                gpu=gpu.description, n_gen=args.n_gen, prompts=len(prompts), io_threads=args.io_threads)
+    print(json.dumps(head), file=sys.stderr, flush=True)
+    if out:
+        out.write(json.dumps(dict(head=head)) + "\n")
+    for label, kw, cold in configs(info.n_moe_layer, args.budget, args.io_threads):
+        if cold:
+            drop_from_page_cache(model)
+        else:
+            read_through(model)
+        spec = dict(model=str(model), kw=kw, prompts=prompts, n_gen=args.n_gen)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            why = [x for x in lines if "GGML_ASSERT" in x or "rror" in x or "CUDA" in x][:3] or lines[-1:]
+            row = dict(label=label, kw=kw, error=why)
+        else:
+            row = dict(label=label, kw=kw, **json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "texts"}), file=sys.stderr, flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    return rows
+
+
+def report(lines: list) -> str:
+    head = lines[0]["head"]
+    rows = lines[1:]
+    ref = next(r for r in rows if r["label"] == "gpu-all")
+    ncpu = next(r for r in rows if r["label"].startswith("n-cpu-moe"))
+    out = [f"{head['gpu']}; {Path(head['model']).name}: {head['file_bytes'] / 1e9:.2f} GB, "
+           f"{head['n_moe_layer']} MoE layers x {head['n_expert']} experts, top-{head['n_expert_used']}; "
+           f"{head['prompts']} prompts x {head['n_gen']} greedy tokens; {head['io_threads']} I/O threads", "",
+           "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | read MB/token | same text |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | |")
+            continue
+        same = sum(a == b for a, b in zip(r["texts"], ref["texts"]))
+        hit = f"{r['hit_rate']:.2f}" if r.get("hit_rate") is not None else "-"
+        read = f"{r['bytes_read_per_token'] / 1e6:.0f}" if r.get("expert_pool") else "-"
+        out.append(f"| {r['label']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / ncpu['tokens_per_s']:.2f}x | "
+                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {read} | {same}/{len(r['texts'])} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "benchmarks" / "out" / "tiny-inflated-8.5g.gguf"))
+    ap.add_argument("--size", default="8.5GB")
+    ap.add_argument("--budget", type=float, default=0.25, help="share of expert bytes in VRAM")
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--out", help="JSON lines: a head line, then a row per configuration")
+    ap.add_argument("--report", metavar="JSONL", help="print the markdown table of an earlier --out")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.report:
+        print(report([json.loads(x) for x in Path(args.report).read_text().splitlines()]))
+        return
+    rows = run(args)
+    if args.out:
+        print(report([json.loads(x) for x in Path(args.out).read_text().splitlines()]))
+    else:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
