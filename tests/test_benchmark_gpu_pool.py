@@ -1,0 +1,48 @@
+"""benchmarks/gpu_pool.py's pure parts: which configurations it compares (equal VRAM for the
+stock --n-cpu-moe row) and its table (nothing is loaded or run here)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_pool as gp  # noqa: E402
+
+
+@pytest.mark.parametrize("n_layer, budget, n_cpu", [(8, 0.25, 6), (8, 0.5, 4), (27, 0.25, 20), (48, 0.25, 36)])
+def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_cpu):
+    rows = {label: kw for label, kw, _ in gp.configs(n_layer, budget, 8)}
+    assert rows[f"n-cpu-moe {n_cpu}"] == {"n_cpu_moe": n_cpu}
+    assert rows["cpu-experts"] == {"n_cpu_moe": n_layer}
+    assert rows["gpu-all"] == {}
+    pct = f"{round(budget * 100)}%"
+    assert rows[f"edgemoe vram {pct} warm"]["expert_pool"] == "vram"
+    assert all(kw.get("expert_cache") == pct for label, kw in rows.items() if label.startswith("edgemoe"))
+
+
+def test_only_the_cold_row_reads_with_o_direct():
+    cold = [(label, kw) for label, kw, is_cold in gp.configs(8, 0.25, 8) if is_cold]
+    assert [label for label, _ in cold] == ["edgemoe vram 25% cold"]
+    assert cold[0][1]["io"] == "direct"
+
+
+def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
+    head = dict(model="/x/m.gguf", file_bytes=8.67e9, n_moe_layer=8, n_expert=64, n_expert_used=8, gpu="GPU",
+                n_gen=4, prompts=2, io_threads=8)
+    rows = [dict(label="gpu-all", tokens_per_s=100.0, vram_bytes=9e9, texts=["a", "b"], hit_rate=None, expert_pool=None),
+            dict(label="n-cpu-moe 6", tokens_per_s=50.0, vram_bytes=3e9, texts=["a", "c"], hit_rate=None,
+                 expert_pool=None),
+            dict(label="edgemoe vram 25% warm", tokens_per_s=25.0, vram_bytes=2e9, texts=["a", "b"], hit_rate=0.5,
+                 expert_pool="vram", bytes_read_per_token=4e6),
+            dict(label="edgemoe mapped 25% warm", error=["boom"])]
+    table = gp.report([dict(head=head)] + rows)
+    lines = table.splitlines()
+    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | 2/2 |" in lines
+    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | 1/2 |" in lines
+    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | 4 | 2/2 |" in lines
+    assert any(line.startswith("| edgemoe mapped 25% warm | error: boom") for line in lines)
