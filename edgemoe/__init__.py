@@ -1,6 +1,6 @@
 """edgemoe: an edge inference runtime for MoE models with an expert cache inside llama.cpp."""
 
-__version__ = "0.1.0"
+from edgemoe.version import __version__
 
 __all__ = ["Engine", "EngineStats", "EdgemoeError", "__version__"]
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from edgemoe import __version__
+from edgemoe.version import __version__, describe
 from edgemoe.bench.cli import bench
 from edgemoe.convert.command import convert_command
 from edgemoe.errors import CliError
@@ -20,7 +20,7 @@ from edgemoe.tune_router_cli import tune_router_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edgemoe")
+@click.version_option(__version__, prog_name="edgemoe", message=describe())
 def cli() -> None:
     """edgemoe: MoE inference with an expert cache, on llama.cpp."""
 

@@ -33,6 +33,7 @@ from edgemoe.convert import DEFAULT_ALIGN
 from edgemoe.convert.writer import tensor_nbytes
 from edgemoe.errors import CliError, ConvertError, EdgemoeError
 from edgemoe.info import INFLATE_PREFIX as PREFIX
+from edgemoe.version import stamp_gguf
 
 PathLike = Union[str, os.PathLike]
 PAGE = 4096          # O_DIRECT's unit: --size picks N whose expert slices are whole pages
@@ -399,7 +400,7 @@ def _header_bytes(p: _Plan, kv: list, align: int, out: str) -> int:
         w.data_alignment = align
         if align != gguf.GGUF_DEFAULT_ALIGNMENT:
             w.add_custom_alignment(align)
-        for key, value, vtype, sub in kv:
+        for key, value, vtype, sub in stamp_gguf(w, kv):
             w.add_key_value(key, value, vtype, sub_type=sub)
         for t in p.tensors:
             w.add_tensor_info(t.name, t.np_shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

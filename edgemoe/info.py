@@ -22,6 +22,7 @@ import click
 from edgemoe.budget import format_bytes
 from edgemoe.errors import EdgemoeError, ModelFormatError
 from edgemoe.gguf_header import GGUFHeader, TensorInfo, read_header
+from edgemoe.version import VERSION_KEY
 from edgemoe.errors import CliError
 
 SLICE_ALIGNMENT = 4096  # O_DIRECT's page
@@ -100,6 +101,9 @@ class ModelReport:
     router: Optional[RouterInfo]
     dense: bool = field(default=False)
     inflate: Optional[Dict[str, object]] = None  # the edgemoe.inflate.* keys, prefix dropped
+    license: Optional[str] = None      # general.license
+    source: Optional[str] = None       # general.source.url, else general.source
+    written_by: Optional[str] = None   # edgemoe.version: the edgemoe that wrote the file
 
     @property
     def n_moe_layer(self) -> int:
@@ -239,6 +243,10 @@ def describe(path) -> ModelReport:
 
     total = sum(t.nbytes for t in h.tensors)
     name = h.get("general.name")
+
+    def text(*keys):
+        return next((v for v in (h.get(k) for k in keys) if isinstance(v, str)), None)
+
     return ModelReport(
         path=h.path, file_bytes=h.file_size, gguf_version=h.version, alignment=h.alignment,
         architecture=arch, name=name if isinstance(name, str) else None,
@@ -253,6 +261,8 @@ def describe(path) -> ModelReport:
         misaligned_offsets=misaligned, odd_slice_sizes=odd_sizes,
         min_budget_bytes=n_expert_used * sum(p.slot_bytes for p in pools) if experts else 0,
         roles={r: roles[r] for r in ROLES if r in roles}, router=router, dense=not experts, inflate=inflate,
+        license=text("general.license"), source=text("general.source.url", "general.source"),
+        written_by=text(VERSION_KEY),
     )
 
 
@@ -305,6 +315,10 @@ def format_report(r: ModelReport) -> str:
         ("architecture", r.architecture + (f" ({r.name})" if r.name else "")),
         ("parameters", f"{_params(r.n_params)} in {r.n_tensors} tensors"),
     ]
+    if r.license or r.source:
+        rows.append(("license", (r.license or "not stated") + (f" (source: {r.source})" if r.source else "")))
+    if r.written_by:
+        rows.append(("written by", f"edgemoe {r.written_by}"))
     total = r.expert_bytes + r.non_expert_bytes
     if r.dense:
         rows += [("layers", f"{r.n_layer}, none with routed experts"),

@@ -20,6 +20,7 @@ import gguf
 from gguf import GGUFValueType as VT
 
 from edgemoe.errors import RouterFormatError
+from edgemoe.version import stamp_gguf
 
 PREFIX = "edgemoe.router."
 FORMAT_VERSION = 1
@@ -363,7 +364,7 @@ def write_gguf_router(router: Router, path: Union[str, os.PathLike]) -> None:
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, "edgemoe-router")
-        for key, value, vtype in router.kv_items():
+        for key, value, vtype in stamp_gguf(w, router.kv_items()):
             w.add_key_value(key, value, vtype)
         for name, arr in router.tensor_items():
             w.add_tensor(name, np.ascontiguousarray(arr))

@@ -41,6 +41,7 @@ from edgemoe.files import discard, publish, temp_beside
 from edgemoe.gguf_header import read_header
 from edgemoe.synth_fill import (ENCODE_TYPES, RANDOM_TYPES, block_size, encode_rows, random_rows,
                                 row_bytes)
+from edgemoe.version import stamp_gguf
 
 MOE_ARCHS = ("qwen3moe", "qwen2moe", "olmoe", "deepseek2")
 DENSE_ARCHS = ("qwen3", "llama")
@@ -486,7 +487,7 @@ def write_model(path: Union[str, os.PathLike], cfg: SynthConfig, n_threads: Opti
         w = gguf.GGUFWriter(tmp, cfg.arch)
         w.data_alignment = cfg.alignment
         _add_hparams(w, cfg)
-        for key, value, vtype, sub in fields:
+        for key, value, vtype, sub in stamp_gguf(w, fields):
             w.add_key_value(key, value, vtype, sub_type=sub)
         for s in specs:
             # element shape (numpy order) plus raw type: the writer derives the file shape

@@ -21,7 +21,8 @@ STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
 class Row:
     # -- llama-bench's fields ------------------------------------------------------------
     edgemoe_version: str = ""
-    build_commit: str = ""          # llama-cpp-python release whose llama.cpp edgemoe patches
+    build_commit: str = ""          # the llama.cpp commit edgemoe patches (llama-bench's short form)
+    patch_sha256: str = ""          # of edgemoe's patches as built (edgemoe.version)
     cpu_info: str = ""
     gpu_info: str = ""
     backends: str = "CPU"

@@ -85,14 +85,13 @@ def _cpu_info() -> str:
 
 def system_fields() -> dict:
     """The fields every row shares: versions, CPU, backend."""
-    from edgemoe import __version__
     from edgemoe._native import llama  # first: it points llama_cpp at our libllama
+    from edgemoe.version import version_fields
 
-    import llama_cpp
-
+    v = version_fields()
     gpu = bool(llama.llama_supports_gpu_offload())
-    return dict(edgemoe_version=__version__, build_commit=f"llama-cpp-python {llama_cpp.__version__}",
-                cpu_info=_cpu_info(), backends="CUDA" if gpu else "CPU")
+    return dict(edgemoe_version=v["edgemoe_version"], build_commit=v["llama_cpp_commit"][:9],
+                patch_sha256=v["patch_sha256"] or "", cpu_info=_cpu_info(), backends="CUDA" if gpu else "CPU")
 
 
 def _signal_name(rc: int) -> str:

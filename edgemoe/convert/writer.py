@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VT
 
 from edgemoe.errors import ConvertError
+from edgemoe.version import stamp_gguf
 
 KV = Tuple[str, object, VT, Optional[VT]]
 
@@ -96,7 +97,7 @@ def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], al
         w.data_alignment = alignment
         if alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
             w.add_custom_alignment(alignment)
-        for key, value, vtype, sub in kv:
+        for key, value, vtype, sub in stamp_gguf(w, kv):
             w.add_key_value(key, value, vtype, sub_type=sub)
         for t in tensors:
             w.add_tensor_info(t.name, t.np_shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
