@@ -12,7 +12,9 @@ under native/patches/llama.cpp. Environment:
 """
 
 import hashlib
+import json
 import os
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -24,9 +26,21 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
+from setuptools.dist import Distribution
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel  # setuptools >= 70.1
+except ImportError:  # older setuptools: the wheel package's, if installed (only wheels need it)
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:
+        bdist_wheel = None
+
 ROOT = Path(__file__).resolve().parent
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+# the version and the llama.cpp pin live in edgemoe/version.py, read here without importing edgemoe
+VERSION = runpy.run_path(str(ROOT / "edgemoe" / "version.py"))
+LLAMA_CPP_PYTHON = f"llama-cpp-python=={VERSION['LLAMA_CPP_PYTHON_VERSION']}"
+SDIST_NAME = f"llama_cpp_python-{VERSION['LLAMA_CPP_PYTHON_VERSION']}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH_DIR = ROOT / "native" / "patches" / "llama.cpp"
 VOCABS = ("ggml-vocab-gpt-2.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-deepseek-llm.gguf",
@@ -69,11 +83,7 @@ def fetch_sdist(cache_dir):
 
 
 def patch_stamp():
-    h = hashlib.sha256()
-    for p in sorted(PATCH_DIR.glob("*.patch")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return VERSION["patch_sha256"](PATCH_DIR)
 
 
 def apply_patches(tree):
@@ -89,6 +99,32 @@ def apply_patches(tree):
             log(f"{p.name} is already applied")  # an EDGEMOE_LLAMA_CPP_DIR tree patched before
         else:
             raise SystemExit(f"edgemoe build: {p.name} does not apply to {tree}")
+
+
+def extract_tree(sdist, prefix, dest):
+    """The regular files and folders under `prefix` in the sdist, into `dest`, on every Python
+    this package supports: tarfile's extraction filters exist only from 3.10.12 and 3.11.4, so
+    the members are checked here (no links, devices or paths that leave dest) and the "data"
+    filter is added where the running Python has it."""
+    dest = Path(dest)
+    root = dest.resolve()
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            if not m.name.startswith(prefix) or not (m.isfile() or m.isdir()):
+                continue
+            name = m.name[len(prefix):]
+            target = (root / name).resolve()
+            if not name or name.startswith("/") or (target != root and root not in target.parents):
+                raise SystemExit(f"edgemoe build: unsafe path {m.name!r} in {Path(sdist).name}")
+            m.name = name
+            m.mode = 0o755 if m.isdir() or m.mode & 0o111 else 0o644
+            members.append(m)
+        dest.mkdir(parents=True, exist_ok=True)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:
+            tar.extractall(dest, members=members)
 
 
 def prepare_tree(build_dir):
@@ -119,15 +155,7 @@ def prepare_tree(build_dir):
         shutil.copytree(src.resolve(), staging, ignore=skip)
     else:
         sdist = fetch_sdist(build_dir.parent / "sdist")
-        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = []
-            for m in tar.getmembers():
-                if m.name.startswith(prefix) and (m.isfile() or m.isdir()):
-                    m.name = m.name[len(prefix):]
-                    members.append(m)
-            staging.mkdir(parents=True)
-            tar.extractall(staging, members=members, filter="data")
+        extract_tree(sdist, f"llama_cpp_python-{VERSION['LLAMA_CPP_PYTHON_VERSION']}/vendor/llama.cpp/", staging)
     apply_patches(staging)
     os.replace(staging, tree)
     stamp_file.write_text(stamp)
@@ -159,15 +187,28 @@ def build_native(build_dir):
     return tree, cmake_dir / "bin"
 
 
+def shipped_libs(lib_dir):
+    """The shared libraries to ship: each once, under its soname. The build has no versioned
+    sonames (CMakeLists.txt), so every library is one plain file and a wheel holds no alias
+    copies; versioned leftovers of older builds in the same folder are skipped."""
+    return [p for p in sorted(Path(lib_dir).iterdir())
+            if p.is_file() and not p.is_symlink() and (p.suffix in (".so", ".dylib"))]
+
+
 def install_libs(lib_dir, tree, pkg_dir):
-    """Copies the shared libraries (as plain files under every name the loader asks for) and vocabs."""
+    """Copies the shared libraries, the build's record (version.BUILD_INFO) and the vocabs."""
     out = pkg_dir / "lib"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for p in sorted(lib_dir.iterdir()):
-        if ".so" in p.name or p.suffix == ".dylib":
-            shutil.copyfile(p.resolve(), out / p.name)
+    for p in shipped_libs(lib_dir):
+        shutil.copyfile(p, out / p.name)
+    user_tree = os.environ.get("EDGEMOE_LLAMA_CPP_DIR")
+    info = dict(version=VERSION["__version__"],
+                llama_cpp_source=f"dir:{Path(user_tree).resolve()}" if user_tree else f"sdist:{SDIST_SHA256}",
+                llama_cpp_commit="unknown" if user_tree else VERSION["LLAMA_CPP_COMMIT"],
+                patch_sha256=patch_stamp(), cuda=os.environ.get("EDGEMOE_CUDA", "0") not in ("", "0", "OFF", "off"))
+    (out / VERSION["BUILD_INFO"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     vocab_out = pkg_dir / "data" / "vocab"
     vocab_out.mkdir(parents=True, exist_ok=True)
     for name in VOCABS:
@@ -189,43 +230,71 @@ class BuildWithNative(build_py):
             install_libs(lib_dir, tree, Path(self.build_lib) / "edgemoe")
 
 
-setup(
-    name="edgemoe",
-    version="0.1.0",
-    description="Fast MoE decoding on memory-starved edge devices: an expert cache in llama.cpp",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=find_packages(include=["edgemoe", "edgemoe.*"]),
-    package_data={"edgemoe": ["lib/*", "data/vocab/*.gguf", "data/models/*.gguf"]},
-    include_package_data=False,
-    install_requires=[
-        # installed without its own native build: see README (CMAKE_ARGS=-DLLAMA_BUILD=OFF)
-        LLAMA_CPP_PYTHON,
-        "numpy>=1.24",
-        "click>=8.1",
-        "gguf>=0.17.1",
-        "psutil>=5.9",
-        "jinja2>=3.1.6",  # chat templates are untrusted code; 3.1.6 fixes a sandbox escape (CVE-2025-27516)
-        # edgemoe convert: checkpoints whose tokenizer is a SentencePiece model
-        "sentencepiece>=0.2",
-        # edgemoe serve: the ASGI toolkit and server (docs/serve.md)
-        "starlette>=0.37",
-        "uvicorn>=0.29",
-    ],
-    extras_require={
-        # torch/transformers build reference models for the converter and training tests;
-        # torch pinned to the CPU wheel (an open range pulls a CUDA build of several GB),
-        # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
-        "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
-                 "safetensors>=0.4", "openai>=1.0", "httpx>=0.27"],
-        # edgemoe tune-router trains routers in torch (docs/remoe.md); the same pins as "test"
-        "tune": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
-        "jetson": ["jetson-stats>=4.2"],
-        "plot": ["matplotlib>=3.7"],
-    },
-    entry_points={"console_scripts": ["edgemoe = edgemoe.cli:main"]},
-    cmdclass={"build_py": BuildWithNative},
-    zip_safe=False,
-)
+class BinaryDistribution(Distribution):
+    """The package carries compiled libraries: it installs into platlib, and its wheel is not
+    pure."""
+
+    def has_ext_modules(self):
+        return True
+
+
+def platform_wheel(base):
+    class PlatformWheel(base):
+        """py3-none-<platform>: the libraries are loaded with ctypes, not imported as CPython
+        extensions, so any Python 3 of this platform can use the wheel and no ABI tag applies;
+        pip never hands it to another platform."""
+
+        def get_tag(self):
+            _, _, plat = super().get_tag()
+            return "py3", "none", plat
+
+    return PlatformWheel
+
+
+def main():
+    setup(
+        name="edgemoe",
+        version=VERSION["__version__"],
+        description="Fast MoE decoding on memory-starved edge devices: an expert cache in llama.cpp",
+        long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+        long_description_content_type="text/markdown",
+        license="MIT",
+        python_requires=">=3.10",
+        packages=find_packages(include=["edgemoe", "edgemoe.*"]),
+        package_data={"edgemoe": ["lib/*", "data/vocab/*.gguf", "data/models/*.gguf"]},
+        license_files=["LICENSE", "THIRD_PARTY_NOTICES.md"],
+        include_package_data=False,
+        install_requires=[
+            # installed without its own native build: see README (CMAKE_ARGS=-DLLAMA_BUILD=OFF)
+            LLAMA_CPP_PYTHON,
+            "numpy>=1.24",
+            "click>=8.1",
+            "gguf>=0.17.1",
+            "psutil>=5.9",
+            "jinja2>=3.1.6",  # chat templates are untrusted code; 3.1.6 fixes a sandbox escape (CVE-2025-27516)
+            # edgemoe convert: checkpoints whose tokenizer is a SentencePiece model
+            "sentencepiece>=0.2",
+            # edgemoe serve: the ASGI toolkit and server (docs/serve.md)
+            "starlette>=0.37",
+            "uvicorn>=0.29",
+        ],
+        extras_require={
+            # torch/transformers build reference models for the converter and training tests;
+            # torch pinned to the CPU wheel (an open range pulls a CUDA build of several GB),
+            # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
+            "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
+                     "safetensors>=0.4", "openai>=1.0", "httpx>=0.27"],
+            # edgemoe tune-router trains routers in torch (docs/remoe.md); the same pins as "test"
+            "tune": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
+            "jetson": ["jetson-stats>=4.2"],
+            "plot": ["matplotlib>=3.7"],
+        },
+        entry_points={"console_scripts": ["edgemoe = edgemoe.cli:main"]},
+        cmdclass={"build_py": BuildWithNative, **({"bdist_wheel": platform_wheel(bdist_wheel)} if bdist_wheel else {})},
+        distclass=BinaryDistribution,
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests load its helpers
+    main()
