@@ -16,17 +16,16 @@ cgroup and read-ahead (or --no-limit).
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -58,15 +57,15 @@ def log(msg: str) -> None:
 
 # -- build -----------------------------------------------------------------------------------
 
+def _setup(setup_py: Path = REPO / "setup.py") -> dict:
+    """setup.py's names, loaded without building anything (it builds only as __main__)."""
+    return runpy.run_path(str(setup_py), run_name="edgemoe_setup")
+
+
 def sdist_pin(setup_py: Path = REPO / "setup.py") -> Tuple[str, str]:
-    """(SDIST_NAME, SDIST_SHA256) read from setup.py without running it, so a pin bump there
-    rebuilds here."""
-    consts = {}
-    for node in ast.parse(setup_py.read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("SDIST_NAME", "SDIST_SHA256"):
-                consts[node.targets[0].id] = ast.literal_eval(node.value)
-    return consts["SDIST_NAME"], consts["SDIST_SHA256"]
+    """(SDIST_NAME, SDIST_SHA256) as setup.py pins them, so a pin bump there rebuilds here."""
+    ns = _setup(setup_py)
+    return ns["SDIST_NAME"], ns["SDIST_SHA256"]
 
 
 def ggml_cpu_flags(cmakelists: Path = REPO / "CMakeLists.txt") -> List[str]:
@@ -112,13 +111,7 @@ def extract_llama_cpp(sdist: Path, sdist_name: str, dest: Path) -> None:
     staging = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with tarfile.open(sdist) as tar:
-        members = []
-        for m in tar.getmembers():
-            if m.name.startswith(prefix) and (m.isfile() or m.isdir()):
-                m.name = m.name[len(prefix):]
-                members.append(m)
-        tar.extractall(staging, members=members, filter="data")
+    _setup()["extract_tree"](sdist, prefix, staging)  # the build's own, safe extraction
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(staging, dest)
 
