@@ -66,6 +66,8 @@ POOLS = {"host": EDGEMOE_POOL_HOST, "gpu": EDGEMOE_POOL_GPU, "vram": EDGEMOE_POO
 #     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
 #     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
 #     int32_t pool;            // enum edgemoe_pool: where the slots live
+#     bool    repack;          // host pools: repack slots where ggml's CPU backend repacks the weight
+#                              // type (stock's kernels, as llama.cpp's loader does); false: plain
 # } edgemoe_options;
 class edgemoe_options(ctypes.Structure):
     _fields_ = [
@@ -79,6 +81,7 @@ class edgemoe_options(ctypes.Structure):
         ("lookahead", ctypes.c_int32),
         ("prefetch_top", ctypes.c_int32),
         ("pool", ctypes.c_int32),
+        ("repack", ctypes.c_bool),
     ]
 
 
@@ -98,6 +101,7 @@ class edgemoe_options(ctypes.Structure):
 #     uint64_t steps;           // remap steps: one per MoE layer, ubatch and wave
 #     double   book_ms;         // the cache's own work in those steps, waits and prediction excluded
 #     double   predict_ms;      // the lookahead predictor's work (charged to the layer it runs in)
+#     double   convert_ms;      // of read_ms: repacking slots (host pools) or uploading them (VRAM)
 # } edgemoe_stats;
 class edgemoe_stats(ctypes.Structure):
     _fields_ = [
@@ -116,6 +120,7 @@ class edgemoe_stats(ctypes.Structure):
         ("steps", ctypes.c_uint64),
         ("book_ms", ctypes.c_double),
         ("predict_ms", ctypes.c_double),
+        ("convert_ms", ctypes.c_double),
     ]
 
 
@@ -156,6 +161,7 @@ class edgemoe_model_info(ctypes.Structure):
 #     int32_t io;               // the backing store in use (after a fallback)
 #     int32_t prefetch;         // enum edgemoe_prefetch in use
 #     int32_t pool;             // enum edgemoe_pool in use (GPU resolved to VRAM or MAPPED)
+#     int32_t n_repacked;       // pool tensors (one per role and pool) held in a repacked layout
 #     char    pool_device[64];  // the ggml device holding the slots ("CPU" for HOST)
 # } edgemoe_cache_info;
 class edgemoe_cache_info(ctypes.Structure):
@@ -167,6 +173,7 @@ class edgemoe_cache_info(ctypes.Structure):
         ("io", ctypes.c_int32),
         ("prefetch", ctypes.c_int32),
         ("pool", ctypes.c_int32),
+        ("n_repacked", ctypes.c_int32),
         ("pool_device", ctypes.c_char * 64),
     ]
 

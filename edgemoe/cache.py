@@ -49,6 +49,7 @@ class CacheStats:
     steps: int = 0
     book_ms: float = 0.0
     predict_ms: float = 0.0
+    convert_ms: float = 0.0  # of read_ms: repacking (host pools) or uploading (VRAM) the slots
 
     @property
     def hit_rate(self) -> Optional[float]:
@@ -76,6 +77,7 @@ class CacheInfo:
     prefetch: str
     pool: str = "host"          # where the slots live: host, vram or mapped
     pool_device: str = "CPU"    # the ggml device holding them
+    n_repacked: int = 0         # pool tensors held in ggml's repacked layout (stock's CPU kernels)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class ExpertCache:
         lookahead: layers ahead, 0 to 8 (0: the predictions only steer eviction).
         prefetch_top: predicted experts per token to load, the router's most likely first
             (0: half of the model's top-k).
+        repack: host pools hold quantized experts repacked where ggml's CPU backend repacks the
+            weight type, as llama.cpp's loader does for stock (False: llama.cpp's --no-repack).
         pool: where the slots live and so where the expert matmuls run: "host" (the CPU),
             "gpu" (VRAM on a discrete GPU, pinned host memory read in place on an integrated
             one), "vram" or "mapped" (either, forced).
@@ -139,7 +143,7 @@ class ExpertCache:
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
                  n_io_threads: int = 0, quiet: bool = False, prefetch: str = "off", lookahead: int = 1,
-                 prefetch_top: int = 0, pool: str = "host"):
+                 prefetch_top: int = 0, pool: str = "host", repack: bool = True):
         self._handle: Optional[int] = None  # close() must work however far __init__ got
         self._attached = False
         if policy not in B.POLICIES:
@@ -165,6 +169,7 @@ class ExpertCache:
         opts.lookahead = lookahead
         opts.prefetch_top = prefetch_top
         opts.pool = B.POOLS[pool]
+        opts.repack = repack
         handle = B.edgemoe_cache_p()
         status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
         if prefetch == "auto" and status == B.EDGEMOE_ERR_INVALID_ARG and \
@@ -201,7 +206,8 @@ class ExpertCache:
         return CacheInfo(budget_bytes=out.budget_bytes, n_slots=out.n_slots, n_pools=out.n_pools,
                          policy=_name_of(B.POLICIES, out.policy), io=_name_of(B.IO_MODES, out.io),
                          prefetch=_name_of(B.PREFETCH_MODES, out.prefetch),
-                         pool=_name_of(B.POOLS, out.pool), pool_device=out.pool_device.decode(errors="replace"))
+                         pool=_name_of(B.POOLS, out.pool), pool_device=out.pool_device.decode(errors="replace"),
+                         n_repacked=out.n_repacked)
 
     def stats(self, layer: int = -1) -> CacheStats:
         """Totals for layer < 0; zeros for layers without experts."""

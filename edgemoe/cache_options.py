@@ -26,11 +26,15 @@ _OPTIONS = (
                  help="Where the cache's slots live, and so where the expert matmuls run. auto: the GPU's with "
                       "-ngl above 0 on a GPU build, else host; gpu: VRAM on a discrete GPU, pinned host memory "
                       "the GPU reads in place on an integrated one (a Jetson); vram, mapped: either, forced."),
+    click.option("--repack/--no-repack", default=True, show_default=True,
+                 help="Repack quantized weights for ggml's faster CPU kernels where it can (Q4_0, Q4_K, IQ4_NL; "
+                      "Q8_0 on Arm), as llama.cpp does; the cache's host pools then hold repacked slots. "
+                      "--no-repack is llama.cpp's."),
 )
 
 
 def cache_options(f):
-    """Adds --expert-cache, --policy, --io, --prefetch and --expert-pool to a click command, in that order."""
+    """Adds --expert-cache, --policy, --io, --prefetch, --expert-pool and --repack to a click command."""
     for option in reversed(_OPTIONS):
         f = option(f)
     return f

@@ -181,6 +181,10 @@ class Engine:
             memory and compute them on the CPU, as llama.cpp's --n-cpu-moe does.
         n_io_threads: the cache's reading threads (0: the native default, 4); with a VRAM pool
             each also uploads what it read, on its own stream.
+        repack: let ggml's CPU backend repack quantized weights for its faster kernels where it
+            can (Q4_0, Q4_K, IQ4_NL on AVX2; Q8_0 too on Arm): llama.cpp's default, which the
+            cache's host pools follow, so cached experts use stock's kernels. False is
+            llama.cpp's --no-repack, for the model's weights and the pools alike.
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
@@ -189,7 +193,8 @@ class Engine:
                  seed: Optional[int] = None, route_recorder=None, verbose: bool = False,
                  notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
                  prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0, n_parallel: int = 1,
-                 kv_unified: bool = True, expert_pool: str = "auto", n_cpu_moe: int = 0, n_io_threads: int = 0):
+                 kv_unified: bool = True, expert_pool: str = "auto", n_cpu_moe: int = 0, n_io_threads: int = 0,
+                 repack: bool = True):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -253,14 +258,14 @@ class Engine:
                                               prefetch=prefetch, lookahead=lookahead,
                                               prefetch_top=prefetch_top,
                                               pool=resolve_pool(expert_pool, n_gpu_layers),
-                                              n_io_threads=n_io_threads)
+                                              n_io_threads=n_io_threads, repack=repack)
                 except NoExpertsError:
                     self._notice(f"notice: {os.path.basename(self.model_path)} has no routed experts "
                                  f"(dense model); running without an expert cache")
             if not _backend_ready:
                 llama.llama_backend_init()
                 _backend_ready = True
-            self._load_model(n_gpu_layers, n_cpu_moe)
+            self._load_model(n_gpu_layers, n_cpu_moe, repack)
             self._create_context(n_ctx, n_batch, n_ubatch, n_threads or default_threads(), kv_unified)
             if self._cache is not None:
                 self._cache.attach(self._ctx)
@@ -299,9 +304,10 @@ class Engine:
             policy = "belady" if prefetch == "routes" else "default"
         return prefetch, policy
 
-    def _load_model(self, n_gpu_layers: int, n_cpu_moe: int) -> None:
+    def _load_model(self, n_gpu_layers: int, n_cpu_moe: int, repack: bool) -> None:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack
         if n_cpu_moe:
             self._buft_overrides = cpu_moe_overrides(n_cpu_moe)  # alive while llama.cpp reads it
             params.tensor_buft_overrides = ctypes.cast(self._buft_overrides, ctypes.c_void_p)

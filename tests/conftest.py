@@ -86,7 +86,7 @@ TINY = {
                      n_expert_used=2, n_head=4, n_head_kv=2, seed=2),
     "olmoe": dict(arch="olmoe", n_layer=2, n_embd=64, n_ff=128, n_ff_exp=64, n_expert=8,
                   n_expert_used=2, n_head=4, n_head_kv=4, expert_type="F32", seed=3),
-    # quantized experts: CPU builds may repack Q8_0 for other kernels, which the cache must match
+    # quantized experts: ggml repacks Q8_0 on Arm for other kernels; the pools then hold repacked slots
     "qwen3moe-q8_0": dict(arch="qwen3moe", n_layer=2, n_embd=64, n_ff=128, n_ff_exp=64, n_expert=8,
                           n_expert_used=2, n_head=4, n_head_kv=2, expert_type="Q8_0", seed=5),
 }

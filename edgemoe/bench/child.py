@@ -48,6 +48,7 @@ class ChildSpec:
     n_parallel: int = 1               # streams tests: sequences decoded together
     schedule: Optional[str] = None    # and their scheduler
     step_seqs: Optional[int] = None   # sequences a step decodes (None: every ready one)
+    repack: bool = True               # ggml's CPU repacking (llama.cpp's --no-repack: False)
 
 
 def _notice(msg: str) -> None:
@@ -88,7 +89,7 @@ class _Runner:
                              prefetch_top=spec.prefetch_top,
                              io=spec.io or "direct", n_threads=spec.n_threads, n_ctx=n_ctx,
                              n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=spec.n_gpu_layers,
-                             route_recorder=self.recorder, notice=_notice)
+                             route_recorder=self.recorder, notice=_notice, repack=spec.repack)
         self.telemetry = Telemetry(jetson=spec.jetson)
         self.prompts = [self.engine.tokenize(p) for p in spec.prompts]
         self.replay = None

@@ -40,6 +40,8 @@ class Options:
         cold: drop the model file's pages before every repetition, each in a fresh process.
         controller: the cgroup controller for memory limits; None runs without (flagged).
         read_ahead_kb: model path -> read-ahead in effect, for the rows.
+        repack: ggml's repacking of quantized CPU weights, stock and pools alike (off: llama.cpp's
+            --no-repack; stock's repacked experts live in anonymous memory, not the page cache).
     """
 
     repetitions: int = 5
@@ -52,6 +54,7 @@ class Options:
     record_routes: bool = False
     jetson: bool = False
     preload: bool = False
+    repack: bool = True
     controller: Optional[MemoryController] = None
     read_ahead_kb: Dict[str, Optional[int]] = field(default_factory=dict)
 
@@ -162,7 +165,7 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                      seed=opts.seed, prompts=opts.prompts,
                      routes=opts.routes if cfg.expert_cache else None, record_routes=opts.record_routes,
                      jetson=opts.jetson, preload=opts.preload, n_parallel=cfg.n_parallel, schedule=cfg.schedule,
-                     step_seqs=cfg.step_seqs)
+                     step_seqs=cfg.step_seqs, repack=opts.repack)
     batches = [dict(reps=[r]) for r in range(opts.repetitions)] if opts.cold else [{}]
     outcomes: List[_ChildOutcome] = []
     for change in batches:

@@ -77,6 +77,8 @@ typedef struct edgemoe_options {
     int32_t lookahead;       // layers ahead whose predicted experts load, 0 to 8 (0: predictions only steer eviction)
     int32_t prefetch_top;    // predicted experts per token it loads, most likely first; 0: half of top-k
     int32_t pool;            // enum edgemoe_pool: where the slots live
+    bool    repack;          // host pools: repack slots where ggml's CPU backend repacks the weight
+                             // type (stock's kernels, as llama.cpp's loader does); false: plain
 } edgemoe_options;
 
 typedef struct edgemoe_stats {
@@ -95,6 +97,7 @@ typedef struct edgemoe_stats {
     uint64_t steps;           // remap steps: one per MoE layer, ubatch and wave
     double   book_ms;         // the cache's own work in those steps, waits and prediction excluded
     double   predict_ms;      // the lookahead predictor's work (charged to the layer it runs in)
+    double   convert_ms;      // of read_ms: repacking slots (host pools) or uploading them (VRAM)
 } edgemoe_stats;
 
 typedef struct edgemoe_model_info {
@@ -119,6 +122,7 @@ typedef struct edgemoe_cache_info {
     int32_t io;               // the backing store in use (after a fallback)
     int32_t prefetch;         // enum edgemoe_prefetch in use
     int32_t pool;             // enum edgemoe_pool in use (GPU resolved to VRAM or MAPPED)
+    int32_t n_repacked;       // pool tensors (one per role and pool) held in a repacked layout
     char    pool_device[64];  // the ggml device holding the slots ("CPU" for HOST)
 } edgemoe_cache_info;
 

@@ -129,6 +129,7 @@ edgemoe_options edgemoe_default_options(void) {
     o.lookahead       = 1;
     o.prefetch_top    = 0;
     o.pool            = EDGEMOE_POOL_HOST;
+    o.repack          = true;
     return o;
 }
 
@@ -230,6 +231,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             case EDGEMOE_POOL_MAPPED: co.pool = pool_kind::mapped; break;
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown pool " + std::to_string(o.pool));
         }
+        co.repack = o.repack;
         switch (o.io) {
             case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
             case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
@@ -305,6 +307,7 @@ int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out
         out->io           = (int32_t) cache->impl->io();
         out->prefetch     = (int32_t) cache->impl->prefetch_mode();
         out->pool         = (int32_t) cache->impl->pool_in_use();
+        out->n_repacked   = cache->impl->n_repacked();
         snprintf(out->pool_device, sizeof(out->pool_device), "%s", cache->impl->pool_device().c_str());
         return (int) EDGEMOE_OK;
     });
@@ -396,6 +399,7 @@ int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stat
         out->steps           = s.steps;
         out->book_ms         = s.book_ms;
         out->predict_ms      = s.predict_ms;
+        out->convert_ms      = s.convert_ms;
         return (int) EDGEMOE_OK;
     });
 }

@@ -71,6 +71,7 @@ void layer_stats::add(const layer_stats & o) {
     stall_ms += o.stall_ms;
     book_ms += o.book_ms;
     predict_ms += o.predict_ms;
+    convert_ms += o.convert_ms;
 }
 
 std::unique_ptr<expert_cache> expert_cache::create(const std::string & path, const cache_options & opts, std::string * err, int * status) {
@@ -147,6 +148,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         *status = EDGEMOE_ERR_INVALID_ARG;
         return false;
     }
+    memory_.set_repack(opts.repack);
     // a GPU pool holds at least one block's experts, so that no ubatch runs in waves there:
     // waves over a GPU pool gave wrong logits in tests (docs/cache.md, GPU pools)
     const bool gpu = memory_.kind() != pool_kind::host;
@@ -286,8 +288,14 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         read_delay_us_ = (int64_t) (atof(d)*1000.0);
     }
     const int n_threads = opts.n_io_threads > 0 ? opts.n_io_threads : 4;
-    if (!memory_.host_visible()) {
-        // each I/O thread reads a whole expert into its pinned staging, then uploads it
+    bool staged = false; // a role whose slots the CPU cannot write in place (VRAM, repacked)
+    for (const auto & p : pools_) {
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            staged |= p.tensors[r] && !p.base[r];
+        }
+    }
+    if (staged) {
+        // each I/O thread reads a whole expert into its staging, then uploads or repacks it
         size_t staging = 0;
         for (const auto & p : pools_) {
             staging = std::max<size_t>(staging, staging_bytes(p));
@@ -366,6 +374,16 @@ void expert_cache::queue_full_pools() {
         }
     }
     cv_jobs_.notify_all();
+}
+
+int32_t expert_cache::n_repacked() const {
+    int32_t n = 0;
+    for (const auto & p : pools_) {
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            n += p.tensors[r] && memory_.kind() == pool_kind::host && !p.base[r];
+        }
+    }
+    return n;
 }
 
 int32_t expert_cache::n_slots_total() const {
@@ -879,24 +897,69 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         }
     }
 
-    // slot ids; pairs of other waves point at a slot pinned for this step and are masked out.
-    // A wave past the last expert (the graph sizes waves for the worst case) reuses the last
-    // non-empty wave's first expert, which nothing has evicted since.
-    int32_t any;
-    if (last > first) {
-        any = bl.slot_of[bl.distinct[first]];
-    } else {
-        const int64_t lead = ((int64_t) (bl.distinct.size() - 1)/p.n_slots)*p.n_slots;
-        any = bl.slot_of[bl.distinct[lead]];
-        if (any < 0 || p.slots[any].state != SLOT_READY) {
-            fatal("internal: the last wave's experts are gone in layer " + std::to_string(bl.layer));
-        }
-        p.slots[any].pin = now;
-    }
     const int32_t base = p.full ? bl.slot_base : 0; // a full pool's block sees its own view
-    for (int64_t i = 0; i < n_pairs; ++i) {
-        const int32_t r = bl.expert_rank[sel[i]];
-        out[i] = ((r >= first && r < last) ? bl.slot_of[sel[i]] : any) - base;
+    if (w.count == 1) {
+        for (int64_t i = 0; i < n_pairs; ++i) {
+            out[i] = bl.slot_of[sel[i]] - base;
+        }
+    } else {
+        // pairs of other waves are computed over some pinned, ready slot and masked out. Each
+        // token's k pairs get k distinct slots: mul_mat_id's kernels (ggml's repacked CPU ones,
+        // CUDA's) size their per-expert row maps for one use of an expert per token, and pointing
+        // a token's masked pairs at one slot overran them (wrong logits, NaN). The carriers are
+        // this wave's slots, then other ready slots pinned now, so no load can replace them.
+        const int64_t k_used = ids->ne[0];
+        auto & carriers = bl.uses_sorted; // scratch: wave 0's partition is done with it
+        carriers.clear();
+        for (int64_t i = first; i < last; ++i) {
+            carriers.push_back(bl.slot_of[bl.distinct[i]]);
+        }
+        while ((int64_t) carriers.size() < k_used) {
+            for (int32_t s = 0; s < p.n_slots && (int64_t) carriers.size() < k_used; ++s) {
+                slot & sl = p.slots[s];
+                if (sl.state == SLOT_READY && std::find(carriers.begin(), carriers.end(), s) == carriers.end()) {
+                    sl.pin = now;
+                    carriers.push_back(s);
+                }
+            }
+            if ((int64_t) carriers.size() < k_used) {
+                // the rest are loading (prefetches of known routes): they finish soon
+                bool loading = false;
+                for (const auto & o : p.slots) {
+                    loading |= o.state == SLOT_LOADING;
+                }
+                if (!loading) {
+                    fatal("internal: fewer than top-k ready slots for a wave in layer " + std::to_string(bl.layer));
+                }
+                cv_jobs_.notify_all();
+                const auto tw = std::chrono::steady_clock::now();
+                cv_done_.wait(lock);
+                waited_ms += ms_since(tw);
+            }
+        }
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            const int32_t * row = sel + t*k_used;
+            int32_t * dst = out + t*k_used;
+            size_t c = 0;
+            for (int64_t j = 0; j < k_used; ++j) {
+                const int32_t r = bl.expert_rank[row[j]];
+                if (r >= first && r < last) {
+                    dst[j] = bl.slot_of[row[j]] - base;
+                    continue;
+                }
+                for (;; ++c) { // the next carrier this token's in-wave pairs do not use
+                    bool taken = false;
+                    for (int64_t q = 0; q < k_used; ++q) {
+                        const int32_t rq = bl.expert_rank[row[q]];
+                        taken |= rq >= first && rq < last && bl.slot_of[row[q]] == carriers[c];
+                    }
+                    if (!taken) {
+                        break;
+                    }
+                }
+                dst[j] = carriers[c++] - base;
+            }
+        }
     }
     const double total_ms = ms_since(t0);
     st.steps++;
@@ -1104,24 +1167,30 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
     if (read_delay_us_ > 0) {
         std::this_thread::sleep_for(std::chrono::microseconds(read_delay_us_));
     }
-    size_t staged = 0; // VRAM: the roles lie one after another in the staging buffer
+    size_t staged = 0; // staged roles lie one after another in the staging buffer
+    double convert_ms = 0.0;
     for (int r = 0; r < ROLE_COUNT && ok; ++r) {
         const role_tensor & rt = mb.roles[r];
         if (!rt.present) {
             continue;
         }
-        const uint64_t slot_offset = (uint64_t) job.slot*p.slice[r];
-        uint8_t * dst = up ? up->staging() + staged : p.base[r] + slot_offset;
+        const bool direct = p.base[r] != nullptr; // the CPU writes this role's slots in place
+        uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] : up->staging() + staged;
         ok = store_.read(dst, rt.file_offset + (uint64_t) job.expert*rt.slice_bytes, rt.slice_bytes, bounce, bounce_size, &err);
-        if (ok && up) {
-            // on this thread's own stream: it overlaps the next role's read and the compute
-            up->upload(p.tensors[r], slot_offset, staged, rt.slice_bytes);
+        if (ok && !direct) {
+            // VRAM: queued on this thread's own stream, overlapping the next role's read and the
+            // compute; a repacked host pool: converted here
+            const auto tc = std::chrono::steady_clock::now();
+            up->upload(p.tensors[r], job.slot, staged);
+            convert_ms += ms_since(tc);
         }
         staged += staging_step(rt.slice_bytes);
         bytes += rt.slice_bytes;
     }
     if (up) {
+        const auto tc = std::chrono::steady_clock::now();
         up->wait(); // the slot is ready only when its bytes are on the device
+        convert_ms += ms_since(tc);
     }
     const double ms = ms_since(t0);
     {
@@ -1129,6 +1198,7 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
         slot & sl = p.slots[job.slot];
         layer_stats & st = stats_[mb.layer];
         st.read_ms += ms;
+        st.convert_ms += convert_ms;
         sl.io_started = false;
         if (ok) {
             st.bytes_read += bytes;

@@ -39,6 +39,7 @@ struct cache_options {
     int         lookahead       = 1;   // blocks ahead the predictor prefetches (0: it only steers eviction)
     int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: half of top-k)
     pool_kind   pool            = pool_kind::host;
+    bool        repack          = true;  // host pools: repack where ggml's CPU backend would (stock's kernels)
 };
 
 struct layer_stats {
@@ -47,6 +48,7 @@ struct layer_stats {
     uint64_t pred_predicted = 0, pred_correct = 0, pred_actual = 0; // predictor vs the actual routes
     uint64_t steps = 0;                // remap steps (one per ubatch and wave)
     double   read_ms = 0.0, stall_ms = 0.0, book_ms = 0.0, predict_ms = 0.0;
+    double   convert_ms = 0.0;         // of read_ms: repacking or uploading after the reads
 
     void add(const layer_stats & o);
 };
@@ -80,6 +82,7 @@ public:
     io_kind  io() const { return store_.kind(); }
     policy_kind policy() const { return opts_.policy; }
     pool_kind pool_in_use() const { return memory_.kind(); }
+    int32_t n_repacked() const; // pool tensors in a repacked layout
     std::string pool_device() const { return memory_.device_name(); }
     int32_t  max_waves() const;
 

@@ -44,6 +44,9 @@ ggml_backend_dev_t first_gpu(bool * integrated) {
 }
 
 uploader::~uploader() {
+    if (views_) {
+        ggml_free(views_);
+    }
     if (backend_) {
         ggml_backend_synchronize(backend_);
         ggml_backend_free(backend_);
@@ -56,19 +59,27 @@ uploader::~uploader() {
 
 std::unique_ptr<uploader> uploader::create(ggml_backend_dev_t dev, size_t staging_bytes, std::string * err) {
     std::unique_ptr<uploader> u(new uploader());
-    u->backend_ = ggml_backend_dev_init(dev, nullptr);
-    if (!u->backend_) {
-        *err = std::string("cannot open an upload stream on ") + ggml_backend_dev_name(dev);
+    ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead()*2, /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    u->views_ = ggml_init(ip);
+    if (!u->views_) {
+        *err = "cannot create an I/O thread's view context";
         return nullptr;
     }
+    if (dev) {
+        u->backend_ = ggml_backend_dev_init(dev, nullptr);
+        if (!u->backend_) {
+            *err = std::string("cannot open an upload stream on ") + ggml_backend_dev_name(dev);
+            return nullptr;
+        }
+    }
     const size_t bytes = (staging_bytes + DIRECT_ALIGN - 1)/DIRECT_ALIGN*DIRECT_ALIGN;
-    if (ggml_backend_buffer_type_t host = ggml_backend_dev_host_buffer_type(dev)) {
+    ggml_backend_buffer_type_t host = dev ? ggml_backend_dev_host_buffer_type(dev) : nullptr;
+    if (host) {
         u->staging_buf_ = ggml_backend_buft_alloc_buffer(host, bytes);
     }
     uint8_t * base = u->staging_buf_ ? (uint8_t *) ggml_backend_buffer_get_base(u->staging_buf_) : nullptr;
     if (!base || ((uintptr_t) base % DIRECT_ALIGN) != 0) {
-        // no pinned memory (GGML_CUDA_NO_PINNED, or the backend has none): copies still work,
-        // only synchronously
+        // no pinned memory (GGML_CUDA_NO_PINNED, or no GPU): copies still work, only synchronously
         if (u->staging_buf_) {
             ggml_backend_buffer_free(u->staging_buf_);
             u->staging_buf_ = nullptr;
@@ -83,12 +94,61 @@ std::unique_ptr<uploader> uploader::create(ggml_backend_dev_t dev, size_t stagin
     return u;
 }
 
-void uploader::upload(ggml_tensor * t, size_t dst_offset, size_t src_offset, size_t size) {
-    ggml_backend_tensor_set_async(backend_, t, staging_ + src_offset, dst_offset, size);
+void uploader::upload(ggml_tensor * t, int32_t slot, size_t src_offset) {
+    const size_t slice = t->nb[2];
+    if (backend_) { // a VRAM pool (repacked pools exist only on the host, where there is no backend)
+        ggml_backend_tensor_set_async(backend_, t, staging_ + src_offset, (size_t) slot*slice, slice);
+        return;
+    }
+    // a repacked pool: its buffer converts a whole tensor on set, so set a view of the slot. The
+    // repack interleaves rows in groups that never straddle two experts (ne1 is a multiple of
+    // the group), so a slot's bytes equal that expert's part of stock's repacked tensor
+    ggml_reset(views_);
+    ggml_tensor * v = ggml_view_3d(views_, t, t->ne[0], t->ne[1], 1, t->nb[1], t->nb[2], (size_t) slot*slice);
+    GGML_ASSERT(ggml_backend_view_init(v) == GGML_STATUS_SUCCESS);
+    ggml_backend_tensor_set(v, staging_ + src_offset, 0, ggml_nbytes(v));
 }
 
 void uploader::wait() {
-    ggml_backend_synchronize(backend_);
+    if (backend_) {
+        ggml_backend_synchronize(backend_);
+    }
+}
+
+ggml_backend_buffer_type_t slot_memory::repack_type_for(const ggml_tensor * t) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu || !ggml_is_quantized(t->type) || t->ne[2] < 2) {
+        return nullptr;
+    }
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) {
+        return nullptr;
+    }
+    ggml_backend_buffer_type_t found = nullptr;
+    for (ggml_backend_buffer_type_t * b = get_extra(cpu); b && *b && !found; ++b) {
+        // llama.cpp's loader asks the same (weight_buft_supported): would the CPU backend run a
+        // mul_mat_id over this weight in a buffer of that type?
+        ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead()*4, /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) {
+            return nullptr;
+        }
+        ggml_tensor * w   = ggml_new_tensor_3d(ctx, t->type, t->ne[0], t->ne[1], t->ne[2]);
+        ggml_tensor * x   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, t->ne[0], 2, 1);
+        ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 2, 1);
+        ggml_tensor * op  = ggml_mul_mat_id(ctx, w, x, ids);
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(*b, 0);
+        if (buf) {
+            w->buffer = buf;
+            if (ggml_backend_dev_supports_op(cpu, op)) {
+                found = *b;
+            }
+            ggml_backend_buffer_free(buf);
+        }
+        ggml_free(ctx);
+    }
+    return found;
 }
 
 slot_memory::~slot_memory() {
@@ -137,7 +197,14 @@ bool slot_memory::alloc(ggml_tensor * t, uint8_t ** host, std::string * err) {
     const size_t bytes = std::max<size_t>(need, DIRECT_ALIGN);
     ggml_backend_buffer_t buf = nullptr;
     void * base = nullptr;
-    if (kind_ == pool_kind::host) {
+    ggml_backend_buffer_type_t repack = kind_ == pool_kind::host && repack_ ? repack_type_for(t) : nullptr;
+    if (repack) {
+        buf = ggml_backend_buft_alloc_buffer(repack, ggml_backend_buft_get_alloc_size(repack, t));
+        if (buf) {
+            ggml_backend_buffer_clear(buf, 0); // zero scales: masked lanes over unused slots stay finite
+            base = ggml_backend_buffer_get_base(buf);
+        }
+    } else if (kind_ == pool_kind::host) {
         // anonymous pages: zero (so masked matmul lanes stay finite) and page aligned
         base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (base == MAP_FAILED) {
@@ -163,7 +230,7 @@ bool slot_memory::alloc(ggml_tensor * t, uint8_t ** host, std::string * err) {
     buffers_.push_back(buf);
     // the matmuls on the slots go where the slots are (ggml's scheduler follows weights)
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    if (host_visible() && ((uintptr_t) base % DIRECT_ALIGN) != 0) {
+    if (!repack && host_visible() && ((uintptr_t) base % DIRECT_ALIGN) != 0) {
         *err = "the expert pool on " + device_name() + " is not page aligned";
         return false;
     }
@@ -171,7 +238,7 @@ bool slot_memory::alloc(ggml_tensor * t, uint8_t ** host, std::string * err) {
         *err = "cannot place the expert pool tensor on " + device_name();
         return false;
     }
-    *host = host_visible() ? (uint8_t *) base : nullptr;
+    *host = host_visible() && !repack ? (uint8_t *) base : nullptr;
     return true;
 }
 

@@ -20,16 +20,20 @@ const char * pool_name(pool_kind k);
 // the first GPU ggml registered (discrete or integrated), or nullptr
 ggml_backend_dev_t first_gpu(bool * integrated);
 
-// One I/O thread's way to a VRAM slot: a pinned staging buffer that reads land in, and a
-// backend of its own (its own stream), so uploads overlap compute and each other.
+// One I/O thread's way into slots the CPU cannot write in place: a staging buffer that reads
+// land in, then either a copy to VRAM on a backend of the thread's own (its own stream, so
+// uploads overlap compute and each other; the staging is pinned) or, for a repacked host pool,
+// ggml's repack of the slot from the staging (what stock llama.cpp does to its weights at load).
 class uploader {
 public:
     ~uploader();
+    // dev: the GPU of VRAM pools, nullptr where only repacked host pools need staging
     static std::unique_ptr<uploader> create(ggml_backend_dev_t dev, size_t staging_bytes, std::string * err);
 
     uint8_t * staging() const { return staging_; }
-    // queues a copy of staging()[src_offset, +size) into t at dst_offset
-    void upload(ggml_tensor * t, size_t dst_offset, size_t src_offset, size_t size);
+    // staging()[src_offset, + one slot of t) into slot `slot` of pool tensor t: queued on the
+    // stream for VRAM, done at once for a repacked host pool
+    void upload(ggml_tensor * t, int32_t slot, size_t src_offset);
     void wait(); // every queued upload is done
 
 private:
@@ -38,6 +42,7 @@ private:
     ggml_backend_buffer_t staging_buf_ = nullptr; // pinned where the device has a host buffer type
     void * staging_own_ = nullptr;                // else aligned pageable memory
     uint8_t * staging_ = nullptr;
+    ggml_context * views_ = nullptr;              // a slot's view, for the repack's set_tensor
 };
 
 class slot_memory {
@@ -53,13 +58,20 @@ public:
     bool host_visible() const { return kind_ != pool_kind::vram; }
 
     // zeroed, page-aligned memory for tensor t, which is placed in it; *host is its host
-    // address, or nullptr for VRAM
+    // address, or nullptr where loads go through an uploader (VRAM, or a repacked host pool)
     bool alloc(ggml_tensor * t, uint8_t ** host, std::string * err);
+    // host pools: repack quantized slots where ggml's CPU backend would repack the weight
+    // (its extra buffer types, as llama.cpp's loader picks them), so cached experts run stock's
+    // kernels; llama.cpp's --no-repack is repack = false
+    void set_repack(bool on) { repack_ = on; }
+    // the CPU extra buffer type that would run a mul_mat_id over t, or nullptr
+    static ggml_backend_buffer_type_t repack_type_for(const ggml_tensor * t);
 
 private:
     pool_kind kind_ = pool_kind::host;
     ggml_backend_dev_t dev_ = nullptr;
     ggml_backend_buffer_type_t buft_ = nullptr; // vram, mapped
+    bool repack_ = true;
     std::vector<ggml_backend_buffer_t> buffers_;
     std::vector<std::pair<void *, size_t>> maps_; // anonymous mappings behind host pools
 };
