@@ -244,7 +244,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
                 return false;
             }
             p.tensors[r] = t;
-            p.base[r]    = mem; // nullptr for VRAM: loads go through an uploader
+            p.base[r]    = mem; // nullptr for VRAM and repacked roles: loads go through an uploader
             p.slice[r]   = rt.slice_bytes;
         }
         p.slots.assign(p.n_slots, slot());
@@ -787,15 +787,6 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
 
     const int64_t first = (int64_t) w.index*p.n_slots;
     const int64_t last  = std::min<int64_t>(first + p.n_slots, (int64_t) bl.distinct.size());
-    if (last <= first && !bl.distinct.empty()) {
-        // a wave past the last expert points its pairs at the last non-empty wave's first
-        // expert (below): pin it now, before this step's prefetches look for victims
-        const int32_t lead = bl.slot_of[bl.distinct[((bl.distinct.size() - 1)/p.n_slots)*p.n_slots]];
-        if (lead >= 0) {
-            p.slots[lead].pin = now;
-        }
-    }
-
     // pin what is resident, claim slots for the rest, then queue the loads
     int32_t n_queued = 0;
     for (int64_t i = first; i < last; ++i) {
@@ -940,24 +931,25 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         for (int64_t t = 0; t < n_tokens; ++t) {
             const int32_t * row = sel + t*k_used;
             int32_t * dst = out + t*k_used;
-            size_t c = 0;
+            // this token's in-wave pairs first: the slots they take are not carriers for it
+            int64_t n_own = 0;
             for (int64_t j = 0; j < k_used; ++j) {
                 const int32_t r = bl.expert_rank[row[j]];
-                if (r >= first && r < last) {
-                    dst[j] = bl.slot_of[row[j]] - base;
+                dst[j] = r >= first && r < last ? bl.slot_of[row[j]] : -1;
+                n_own += dst[j] >= 0;
+            }
+            size_t c = 0;
+            for (int64_t j = 0; j < k_used && n_own < k_used; ++j) {
+                if (dst[j] >= 0) {
                     continue;
                 }
-                for (;; ++c) { // the next carrier this token's in-wave pairs do not use
-                    bool taken = false;
-                    for (int64_t q = 0; q < k_used; ++q) {
-                        const int32_t rq = bl.expert_rank[row[q]];
-                        taken |= rq >= first && rq < last && bl.slot_of[row[q]] == carriers[c];
-                    }
-                    if (!taken) {
-                        break;
-                    }
+                while (std::find(dst, dst + k_used, carriers[c]) != dst + k_used) {
+                    ++c;
                 }
-                dst[j] = carriers[c++] - base;
+                dst[j] = carriers[c++];
+            }
+            for (int64_t j = 0; base && j < k_used; ++j) {
+                dst[j] -= base;
             }
         }
     }

@@ -223,7 +223,7 @@ private:
 
     ggml_context *         meta_ = nullptr;
     slot_memory            memory_;
-    std::vector<std::unique_ptr<uploader>> uploaders_; // per I/O thread, VRAM pools only
+    std::vector<std::unique_ptr<uploader>> uploaders_; // per I/O thread, where some role is staged (VRAM, repacked)
 
     mutable std::mutex      mu_;
     std::condition_variable cv_done_;   // a load finished
