@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from real_routing import SOURCE, ensure_model, write_prompts  # noqa: E402
+
+from edgemoe.bench.disk import drop_file_pages, warm_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,20 +55,6 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
         (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False),
         (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False),
     ]
-
-
-def drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def read_through(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
 
 
 def child(spec: dict) -> dict:
@@ -112,9 +99,9 @@ def run(args) -> list:
         out.write(json.dumps(dict(head=head)) + "\n")
     for label, kw, cold in configs(info.n_moe_layer, args.budget, args.io_threads):
         if cold:
-            drop_from_page_cache(model)
+            drop_file_pages(model)
         else:
-            read_through(model)
+            warm_file(model)
         spec = dict(model=str(model), kw=kw, prompts=prompts, n_gen=args.n_gen)
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                               text=True)

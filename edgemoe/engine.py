@@ -17,13 +17,13 @@ from edgemoe import log
 from edgemoe.cpus import default_threads
 from edgemoe.files import check_model_file
 from edgemoe._native import llama
-from edgemoe.bindings import IO_MODES, POLICIES, POOLS
+from edgemoe.bindings import IO_MODES, POLICIES
 from edgemoe.budget import Budget, parse_budget
 from edgemoe.cache import CacheStats, ExpertCache
 from edgemoe.errors import (ContextFullError, DecodeError, InvalidArgumentError, ModelLoadError,
                             NoExpertsError, StateError)
 from edgemoe.model_router import read_model_router
-from edgemoe.placement import cpu_moe_overrides, resolve_pool
+from edgemoe.placement import check_pool, cpu_moe_overrides, resolve_pool
 from edgemoe.router_runtime import RouterRuntime
 
 # The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
@@ -222,8 +222,7 @@ class Engine:
             raise InvalidArgumentError(f"unknown policy {policy!r}; expected one of auto, {', '.join(POLICIES)}")
         if io not in IO_MODES:
             raise InvalidArgumentError(f"unknown io {io!r}; expected one of {', '.join(IO_MODES)}")
-        if expert_pool not in POOLS and expert_pool != "auto":
-            raise InvalidArgumentError(f"unknown expert pool {expert_pool!r}; expected one of auto, {', '.join(POOLS)}")
+        check_pool(expert_pool)
         if n_cpu_moe < 0:
             raise InvalidArgumentError(f"n_cpu_moe must be 0 or more, not {n_cpu_moe}")
         budget = parse_budget(expert_cache)

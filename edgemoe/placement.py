@@ -9,12 +9,17 @@ from edgemoe import bindings as B
 from edgemoe.errors import InvalidArgumentError
 
 
+def check_pool(pool: str) -> str:
+    """An --expert-pool value, or InvalidArgumentError."""
+    if pool != "auto" and pool not in B.POOLS:
+        raise InvalidArgumentError(f"unknown expert pool {pool!r}; expected one of auto, {', '.join(B.POOLS)}")
+    return pool
+
+
 def resolve_pool(pool: str, n_gpu_layers: int) -> str:
     """"auto" becomes "gpu" where layers are offloaded and ggml has a GPU, else "host"; an
     explicit choice is kept (the native side refuses a GPU pool without a GPU)."""
-    if pool != "auto":
-        if pool not in B.POOLS:
-            raise InvalidArgumentError(f"unknown expert pool {pool!r}; expected one of auto, {', '.join(B.POOLS)}")
+    if check_pool(pool) != "auto":
         return pool
     if n_gpu_layers <= 0:
         return "host"
