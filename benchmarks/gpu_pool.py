@@ -15,7 +15,8 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
-row says whether its text equals gpu-all's for every prompt.
+row counts the prompts whose text equals gpu-all's, and n-cpu-moe's (the stock column at equal
+VRAM).
 
     python benchmarks/gpu_pool.py --out benchmarks/out/gpu-pool.jsonl      (on a CUDA build)
     python benchmarks/gpu_pool.py --report benchmarks/out/gpu-pool.jsonl
@@ -127,17 +128,20 @@ def report(lines: list) -> str:
     out = [f"{head['gpu']}; {Path(head['model']).name}: {head['file_bytes'] / 1e9:.2f} GB, "
            f"{head['n_moe_layer']} MoE layers x {head['n_expert']} experts, top-{head['n_expert_used']}; "
            f"{head['prompts']} prompts x {head['n_gen']} greedy tokens; {head['io_threads']} I/O threads", "",
-           "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | read MB/token | same text |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | read MB/token | same text as gpu-all "
+           "| as n-cpu-moe |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | |")
+            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | | |")
             continue
         same = sum(a == b for a, b in zip(r["texts"], ref["texts"]))
+        same_ncpu = sum(a == b for a, b in zip(r["texts"], ncpu["texts"]))
         hit = f"{r['hit_rate']:.2f}" if r.get("hit_rate") is not None else "-"
         read = f"{r['bytes_read_per_token'] / 1e6:.0f}" if r.get("expert_pool") else "-"
         out.append(f"| {r['label']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / ncpu['tokens_per_s']:.2f}x | "
-                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {read} | {same}/{len(r['texts'])} |")
+                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {read} | {same}/{len(r['texts'])} | "
+                   f"{same_ncpu}/{len(r['texts'])} |")
     return "\n".join(out)
 
 

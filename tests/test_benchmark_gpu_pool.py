@@ -42,7 +42,7 @@ def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
             dict(label="edgemoe mapped 25% warm", error=["boom"])]
     table = gp.report([dict(head=head)] + rows)
     lines = table.splitlines()
-    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | 2/2 |" in lines
-    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | 1/2 |" in lines
-    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | 4 | 2/2 |" in lines
+    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | 2/2 | 1/2 |" in lines
+    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | 1/2 | 2/2 |" in lines
+    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | 4 | 2/2 | 1/2 |" in lines
     assert any(line.startswith("| edgemoe mapped 25% warm | error: boom") for line in lines)
