@@ -9,8 +9,11 @@ under native/patches/llama.cpp. Environment:
   EDGEMOE_BUILD_DIR       where to build (default: build/native, kept between installs)
   EDGEMOE_JOBS            parallel compile jobs (default: CPU count)
   EDGEMOE_CMAKE_ARGS      extra arguments for CMake
+  EDGEMOE_FAULT_INJECTION=1  compile the read-fault test hook into libedgemoe (the test install;
+                          never in a release build)
 """
 
+import difflib
 import hashlib
 import json
 import os
@@ -86,19 +89,56 @@ def patch_stamp():
     return VERSION["patch_sha256"](PATCH_DIR)
 
 
+def run_patch(tree, patch_file, *flags):
+    """patch(1) with no fuzz (-F0): a hunk applies where its whole context matches, or not at all."""
+    return subprocess.call(["patch", "-p1", "-F0", "--silent", *flags, "-i", str(patch_file)], cwd=tree,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def unpatch(tree):
+    """Reverts our patches where an EDGEMOE_LLAMA_CPP_DIR tree was patched before, newest first,
+    so that the tree is checked and patched from its upstream state."""
+    for p in sorted(PATCH_DIR.glob("*.patch"), reverse=True):
+        if run_patch(tree, p, "--forward", "--dry-run") != 0 and run_patch(tree, p, "-R", "--dry-run") == 0:
+            log(f"{p.name} was applied to the tree before: reverting it first")
+            if run_patch(tree, p, "-R") != 0:
+                raise SystemExit(f"edgemoe build: cannot revert {p.name} in {tree}")
+
+
 def apply_patches(tree):
     if shutil.which("patch") is None:
         raise SystemExit("edgemoe build: the 'patch' program is required (apt-get install patch)")
     for p in sorted(PATCH_DIR.glob("*.patch")):
-        base = ["patch", "-p1", "--forward", "--silent", "-i", str(p)]
-        if subprocess.call(base + ["--dry-run"], cwd=tree, stdout=subprocess.DEVNULL) == 0:
-            log(f"applying {p.name}")
-            subprocess.check_call(base, cwd=tree)
-        elif subprocess.call(["patch", "-p1", "-R", "--dry-run", "--silent", "-i", str(p)], cwd=tree,
-                             stdout=subprocess.DEVNULL) == 0:
-            log(f"{p.name} is already applied")  # an EDGEMOE_LLAMA_CPP_DIR tree patched before
-        else:
-            raise SystemExit(f"edgemoe build: {p.name} does not apply to {tree}")
+        if run_patch(tree, p, "--forward", "--dry-run") != 0:
+            raise SystemExit(f"edgemoe build: {p.name} does not apply to {tree} without fuzz "
+                             f"(is it llama.cpp {VERSION['LLAMA_CPP_COMMIT'][:9]}?)")
+        log(f"applying {p.name}")
+        if run_patch(tree, p, "--forward") != 0:
+            raise SystemExit(f"edgemoe build: {p.name} failed to apply to {tree}")
+
+
+def llama_h_difference(header, sdist_dir):
+    """None when `header` is the pinned llama.h; else a one-line account of how it differs: the
+    first differing lines against the pinned sdist's copy where that sdist can be had, or the
+    digests where it cannot."""
+    data = Path(header).read_bytes() if Path(header).is_file() else None
+    if data is None:
+        return f"{header} is missing"
+    if hashlib.sha256(data).hexdigest() == VERSION["LLAMA_H_SHA256"]:
+        return None
+    try:
+        sdist = fetch_sdist(sdist_dir)
+        prefix = f"llama_cpp_python-{VERSION['LLAMA_CPP_PYTHON_VERSION']}/vendor/llama.cpp/include/llama.h"
+        with tarfile.open(sdist) as tar:
+            pinned = tar.extractfile(prefix).read().decode("utf-8", "replace").splitlines()
+    except (SystemExit, OSError, KeyError, subprocess.CalledProcessError, tarfile.TarError):
+        return f"sha256 {hashlib.sha256(data).hexdigest()[:12]}, expected {VERSION['LLAMA_H_SHA256'][:12]}"
+    ours = data.decode("utf-8", "replace").splitlines()
+    changed = [line for line in difflib.unified_diff(pinned, ours, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    shown = "; ".join(" ".join(c.split()) for c in changed[:4])
+    more = f" (and {len(changed) - 4} more changed lines)" if len(changed) > 4 else ""
+    return f"{len(changed)} lines differ, first: {shown}{more}"
 
 
 def extract_tree(sdist, prefix, dest):
@@ -153,6 +193,15 @@ def prepare_tree(build_dir):
             return {n for n in names if n == ".git" or (os.path.realpath(d) == root and n.startswith("build"))}
 
         shutil.copytree(src.resolve(), staging, ignore=skip)
+        unpatch(staging)
+        # the Python bindings (llama-cpp-python) declare the pinned llama.h: another API would
+        # load and then misread structs at run time
+        diff = llama_h_difference(staging / "include" / "llama.h", build_dir.parent / "sdist")
+        if diff:
+            shutil.rmtree(staging)
+            raise SystemExit(f"edgemoe build: EDGEMOE_LLAMA_CPP_DIR={user_tree} is not the llama.cpp that "
+                             f"llama-cpp-python {VERSION['LLAMA_CPP_PYTHON_VERSION']}'s bindings were pinned to "
+                             f"(commit {VERSION['LLAMA_CPP_COMMIT'][:9]}): include/llama.h differs: {diff}")
     else:
         sdist = fetch_sdist(build_dir.parent / "sdist")
         extract_tree(sdist, f"llama_cpp_python-{VERSION['LLAMA_CPP_PYTHON_VERSION']}/vendor/llama.cpp/", staging)
@@ -160,6 +209,11 @@ def prepare_tree(build_dir):
     os.replace(staging, tree)
     stamp_file.write_text(stamp)
     return tree
+
+
+def fault_injection():
+    """EDGEMOE_FAULT_INJECTION=1 compiles the read-fault hook into libedgemoe (the test install)."""
+    return os.environ.get("EDGEMOE_FAULT_INJECTION", "0") not in ("", "0", "OFF", "off")
 
 
 def build_native(build_dir):
@@ -172,6 +226,7 @@ def build_native(build_dir):
         "-DCMAKE_BUILD_TYPE=Release",
         f"-DEDGEMOE_LLAMA_CPP_DIR={tree}",
         f"-DEDGEMOE_CUDA={'ON' if cuda else 'OFF'}",
+        f"-DEDGEMOE_FAULT_INJECTION={'ON' if fault_injection() else 'OFF'}",
         "-DEDGEMOE_BUILD_TESTS=OFF",
     ]
     if cuda and os.environ.get("CMAKE_CUDA_ARCHITECTURES"):
@@ -207,7 +262,8 @@ def install_libs(lib_dir, tree, pkg_dir):
     info = dict(version=VERSION["__version__"],
                 llama_cpp_source=f"dir:{Path(user_tree).resolve()}" if user_tree else f"sdist:{SDIST_SHA256}",
                 llama_cpp_commit="unknown" if user_tree else VERSION["LLAMA_CPP_COMMIT"],
-                patch_sha256=patch_stamp(), cuda=os.environ.get("EDGEMOE_CUDA", "0") not in ("", "0", "OFF", "off"))
+                patch_sha256=patch_stamp(), cuda=os.environ.get("EDGEMOE_CUDA", "0") not in ("", "0", "OFF", "off"),
+                fault_injection=fault_injection())
     (out / VERSION["BUILD_INFO"]).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     vocab_out = pkg_dir / "data" / "vocab"
     vocab_out.mkdir(parents=True, exist_ok=True)

@@ -286,6 +286,26 @@ def edgemoe_cache_set_routes(cache, layer: int, ids, n_tokens: int, k: int, /) -
 def edgemoe_cache_set_routes_all(cache, ids, n_tokens: int, n_moe_layer: int, k: int, /) -> int: ...
 
 
+# EDGEMOE_API int edgemoe_cache_take_fault(edgemoe_cache * cache);
+@_native("edgemoe_cache_take_fault", [edgemoe_cache_p], ctypes.c_int)
+def edgemoe_cache_take_fault(cache, /) -> int: ...
+
+
+# EDGEMOE_API int edgemoe_cache_check_file(const edgemoe_cache * cache);
+@_native("edgemoe_cache_check_file", [edgemoe_cache_p], ctypes.c_int)
+def edgemoe_cache_check_file(cache, /) -> int: ...
+
+
+# EDGEMOE_API int edgemoe_fault_plan(const char * plan);
+@_native("edgemoe_fault_plan", [ctypes.c_char_p], ctypes.c_int)
+def edgemoe_fault_plan(plan, /) -> int: ...
+
+
+# EDGEMOE_API bool edgemoe_fault_injection_available(void);
+@_native("edgemoe_fault_injection_available", [], ctypes.c_bool)
+def edgemoe_fault_injection_available() -> bool: ...
+
+
 # EDGEMOE_API int edgemoe_cache_clear_routes(edgemoe_cache * cache);
 @_native("edgemoe_cache_clear_routes", [edgemoe_cache_p], ctypes.c_int)
 def edgemoe_cache_clear_routes(cache, /) -> int: ...

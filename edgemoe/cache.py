@@ -12,7 +12,7 @@ import numpy as np
 
 from edgemoe import bindings as B
 from edgemoe.budget import Budget
-from edgemoe.errors import InvalidArgumentError, StateError
+from edgemoe.errors import EdgemoeError, InvalidArgumentError, StateError, error_for_status
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,17 @@ class ExpertCache:
 
     def clear_routes(self) -> None:
         B.check(B.edgemoe_cache_clear_routes(self.handle))
+
+    def take_fault(self) -> Optional[EdgemoeError]:
+        """The fault that stopped the last llama_decode (an expert read that failed after its
+        retries, a replaced model file, a route queue too short), as its typed exception
+        (EdgemoeIOError for I/O), or None; taking it clears it."""
+        status = B.edgemoe_cache_take_fault(self.handle)
+        return error_for_status(status, B.last_error()) if status else None
+
+    def check_file(self) -> None:
+        """EdgemoeIOError when the model file is no longer the one the cache opened."""
+        B.check(B.edgemoe_cache_check_file(self.handle))
 
     def last_routes(self, n_rows: int) -> np.ndarray:
         """int32 [n_rows, n_moe_layer, k]: the experts each MoE layer used for each row of the

@@ -494,16 +494,28 @@ class Engine:
                 b.logits[i] = all_logits or (last_logits and j == n - 1)
                 i += 1
         b.n_tokens = i
+        if self._cache is not None:
+            # a model file replaced or rewritten under the engine: refuse before llama.cpp's own
+            # mapping of it is read (a truncated mapping would raise SIGBUS)
+            self._cache.check_file()
         if self._routers:
             self._hand_routes(rows)
         rc = llama.llama_decode(self._ctx, b)
         if rc != 0:
             reason = log.take_error()
+            fault = self._cache.take_fault() if self._cache is not None else None
             if self._routers:
                 # the failed batch's routes must not feed the next one, nor its router states
                 self._cache.clear_routes()
                 for seq, _tokens, _a, _l in rows:
                     self._routers[seq].keep(self._seq_past[seq])
+            # llama.cpp rolls back only the failed ubatch: drop every position this batch wrote,
+            # so each sequence is as it was and the engine stays usable
+            mem = llama.llama_get_memory(self._ctx)
+            for seq, _tokens, _a, _l in rows:
+                llama.llama_memory_seq_rm(mem, seq, self._seq_past[seq], -1)
+            if fault is not None:
+                raise fault  # EdgemoeIOError for a failed read or a replaced file
             raise DecodeError(f"llama_decode failed with status {rc}" + (f": {reason}" if reason else ""))
         for seq, tokens, _a, _l in rows:
             self._seq_past[seq] += len(tokens)

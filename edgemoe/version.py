@@ -19,6 +19,9 @@ __version__ = "0.2.0"
 # llama.cpp's source: the vendor/llama.cpp tree of this llama-cpp-python sdist, at this commit
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+# sha256 of that tree's include/llama.h, unpatched: the API llama-cpp-python's bindings declare.
+# setup.py refuses an EDGEMOE_LLAMA_CPP_DIR tree whose llama.h differs.
+LLAMA_H_SHA256 = "d5cf9203bea63b575e76cba4881f29cfd1b611451578b01582b75b72ecbb04bc"
 
 # the GGUF key that every file edgemoe writes carries (convert, inflate, synth, tune-router, routers)
 VERSION_KEY = "edgemoe.version"
@@ -51,6 +54,7 @@ class BuildInfo:
     llama_cpp_commit: str      # LLAMA_CPP_COMMIT for the sdist; "unknown" for a user's tree
     patch_sha256: str
     cuda: bool
+    fault_injection: bool = False  # the read-fault test hook is compiled in (a test build)
 
 
 def build_info(lib_dir: Optional[os.PathLike] = None) -> Optional[BuildInfo]:
@@ -58,7 +62,8 @@ def build_info(lib_dir: Optional[os.PathLike] = None) -> Optional[BuildInfo]:
     path = Path(lib_dir or Path(__file__).resolve().parent / "lib") / BUILD_INFO
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return BuildInfo(**{k: data[k] for k in BuildInfo.__dataclass_fields__})
+        return BuildInfo(**{k: data[k] for k in BuildInfo.__dataclass_fields__
+                            if k in data or k != "fault_injection"})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -70,7 +75,8 @@ def describe() -> str:
         return f"edgemoe {__version__} (no native build)"
     commit = info.llama_cpp_commit[:9] if info.llama_cpp_source.startswith("sdist:") else info.llama_cpp_source
     return (f"edgemoe {__version__} (llama.cpp {commit} from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}, "
-            f"patches {info.patch_sha256[:12]}, {'CUDA' if info.cuda else 'CPU'})")
+            f"patches {info.patch_sha256[:12]}, {'CUDA' if info.cuda else 'CPU'}"
+            f"{', fault injection' if info.fault_injection else ''})")
 
 
 def version_fields() -> dict:

@@ -5,6 +5,7 @@ Python the package claims (tarfile's filters exist only from 3.10.12 / 3.11.4)."
 from __future__ import annotations
 
 import io
+import os
 import re
 import runpy
 import shutil
@@ -88,8 +89,12 @@ def _soname(path) -> str:
 def test_pip_wheel_is_tagged_for_its_platform_with_each_library_once(tmp_path):
     from edgemoe import version
 
+    # the build directory is shared with the installed package: build what it holds (a test
+    # install has the fault hook) rather than flip it under the rest of the suite
+    info = version.build_info()
+    env = dict(os.environ, EDGEMOE_FAULT_INJECTION="1" if info and info.fault_injection else "0")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=1200)
+                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     wheels = list(tmp_path.glob("edgemoe-*.whl"))
     assert len(wheels) == 1
@@ -111,3 +116,77 @@ def test_pip_wheel_is_tagged_for_its_platform_with_each_library_once(tmp_path):
         z.extractall(tmp_path / "x", members=[f"edgemoe/lib/{n}" for n in libs])
     for n in libs:  # the loader finds each by the name the others were linked against
         assert _soname(tmp_path / "x" / "edgemoe" / "lib" / n) == n
+
+
+def test_the_fault_hook_is_left_out_unless_asked_for(monkeypatch):
+    """A release build (the README's install) has no read-fault hook; EDGEMOE_FAULT_INJECTION=1
+    (the test install) compiles it in."""
+    ns = _setup_ns()
+    monkeypatch.delenv("EDGEMOE_FAULT_INJECTION", raising=False)
+    assert ns["fault_injection"]() is False
+    monkeypatch.setenv("EDGEMOE_FAULT_INJECTION", "1")
+    assert ns["fault_injection"]() is True
+    assert 'option(EDGEMOE_FAULT_INJECTION "compile the read-fault test hook into libedgemoe" OFF)' in \
+        (REPO / "CMakeLists.txt").read_text()
+
+
+def _tiny_patch(tmp_path, old_lines, new_lines, name="f.txt"):
+    """A patch dir with one unified diff of name from old_lines to new_lines."""
+    import difflib
+
+    pdir = tmp_path / "patches"
+    pdir.mkdir()
+    diff = difflib.unified_diff([l + "\n" for l in old_lines], [l + "\n" for l in new_lines],
+                                fromfile=f"a/{name}", tofile=f"b/{name}", n=3)
+    (pdir / "0001-x.patch").write_text(f"diff --git a/{name} b/{name}\n" + "".join(diff))
+    return pdir
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="patch(1) is needed")
+def test_patches_apply_without_fuzz(tmp_path, monkeypatch):
+    """A tree whose context differs from the patch's is refused, not patched at a guess (the
+    default fuzz of 2 would apply this hunk one line off)."""
+    ns = _setup_ns()
+    base = [f"line {i}" for i in range(20)]
+    changed = base[:10] + ["ours"] + base[10:]
+    pdir = _tiny_patch(tmp_path, base, changed)
+    monkeypatch.setitem(ns["apply_patches"].__globals__, "PATCH_DIR", pdir)
+
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    (exact / "f.txt").write_text("\n".join(base) + "\n")
+    ns["apply_patches"](exact)
+    assert (exact / "f.txt").read_text().splitlines() == changed
+
+    drifted = tmp_path / "drifted"
+    drifted.mkdir()
+    other = list(base)
+    other[8] = "line 8, edited upstream"  # inside the hunk's context
+    (drifted / "f.txt").write_text("\n".join(other) + "\n")
+    with pytest.raises(SystemExit, match="does not apply .* without fuzz"):
+        ns["apply_patches"](drifted)
+    assert (drifted / "f.txt").read_text().splitlines() == other  # untouched
+
+    # a tree patched before is reverted to its upstream state, then checked and patched again
+    ns["unpatch"].__globals__["PATCH_DIR"] = pdir
+    ns["unpatch"](exact)
+    assert (exact / "f.txt").read_text().splitlines() == base
+
+
+@needs_llama
+def test_a_user_tree_with_another_llama_h_is_refused_naming_the_difference(tmp_path):
+    ns = _setup_ns()
+    sdist_dir = REPO / "build" / "sdist"
+    sdists = list(sdist_dir.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        pytest.skip("the pinned sdist is not in build/sdist")
+    member = f"llama_cpp_python-{ns['VERSION']['LLAMA_CPP_PYTHON_VERSION']}/vendor/llama.cpp/include/llama.h"
+    with tarfile.open(sdists[0]) as tar:
+        pinned = tar.extractfile(member).read()
+    header = tmp_path / "llama.h"
+    header.write_bytes(pinned)
+    assert ns["llama_h_difference"](header, sdist_dir) is None
+    header.write_bytes(pinned.replace(b"LLAMA_API int32_t llama_n_ctx_seq", b"LLAMA_API int64_t llama_n_ctx_seq", 1)
+                       if b"LLAMA_API int32_t llama_n_ctx_seq" in pinned else pinned + b"\nint x;\n")
+    diff = ns["llama_h_difference"](header, sdist_dir)
+    assert diff and "lines differ" in diff and ("int64_t" in diff or "int x;" in diff), diff

@@ -161,13 +161,31 @@ EDGEMOE_API int edgemoe_cache_attach(edgemoe_cache * cache, struct llama_context
 
 EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out);
 
+// A fault during llama_decode (an expert read that failed after its retries, a model file
+// replaced or rewritten while in use, a route queue too short for the batch) stops the graph
+// through the context's abort callback, which attach sets: llama_decode returns 2 and rolls
+// the ubatch back. This returns that fault's status once (EDGEMOE_OK if none) with its message
+// in edgemoe_last_error, and clears it; the cache and the context stay usable.
+EDGEMOE_API int edgemoe_cache_take_fault(edgemoe_cache * cache);
+// EDGEMOE_ERR_IO when the model file at the cache's path is no longer the one it opened
+// (replaced, removed, resized or modified): check before a decode, as the cache does before
+// each expert read.
+EDGEMOE_API int edgemoe_cache_check_file(const edgemoe_cache * cache);
+
+// Test hook: a plan of injected read faults (see native/src/fault_injection.h; the variable
+// EDGEMOE_FAULTS sets one at cache creation). EDGEMOE_ERR_STATE in a build without the hook
+// (release builds), EDGEMOE_ERR_INVALID_ARG for a malformed plan; NULL clears it.
+EDGEMOE_API int  edgemoe_fault_plan(const char * plan);
+EDGEMOE_API bool edgemoe_fault_injection_available(void);
+
 // Asynchronous load hints; resident or in-flight experts are no-ops.
 EDGEMOE_API int edgemoe_cache_prefetch(edgemoe_cache * cache, int32_t layer, const int32_t * experts, int32_t n);
 
 // Routes of the next n_tokens tokens for one layer ([n_tokens][k] expert ids), queued. The graph
 // obeys them instead of its own top-k (router-decoupled models): each llama_decode batch takes
 // its rows' routes, in batch order, from the front of every layer's queue, so queue every token
-// of every MoE layer (a queue that is not empty but too short for a batch is a fatal error). BELADY uses the queue
+// of every MoE layer (a queue that is not empty but too short for a batch fails that
+// llama_decode: see edgemoe_cache_take_fault). BELADY uses the queue
 // as the future. With EDGEMOE_PREFETCH_ROUTES the queued experts start loading at once, in
 // order of first use, each into a slot whose next use comes after its own (never evicting an
 // expert needed sooner); more start as each layer's step frees slots.

@@ -1,6 +1,7 @@
 // The C API of edgemoe.h and the llama_expert_provider glue. No exception leaves this file.
 #include "edgemoe.h"
 #include "expert_cache.h"
+#include "fault_injection.h"
 
 #include "llama.h"
 
@@ -73,6 +74,12 @@ void * provider_route_ctx(void * user, void * unit, int32_t n_ubatch_tokens) {
 
 void provider_ubatch_rows(void * user, const int32_t * batch_idx, int32_t n_tokens, int32_t first_row) {
     cache_of(user)->ubatch_rows(batch_idx, n_tokens, first_row);
+}
+
+// llama.cpp's abort callback: ggml's CPU backend asks it after every node, so a fault recorded
+// by a custom op stops the graph right after that op and llama_decode fails (and rolls back)
+bool abort_on_fault(void * user) {
+    return cache_of(user)->faulted();
 }
 
 // ggml's CPU backend calls a custom op on every compute thread (n_tasks only sizes its work
@@ -270,6 +277,7 @@ void edgemoe_cache_free(edgemoe_cache * cache) {
     try {
         if (cache->ctx) {
             llama_set_expert_provider(cache->ctx, nullptr);
+            llama_set_abort_callback(cache->ctx, nullptr, nullptr);
         }
         delete cache;
     } catch (...) {
@@ -286,13 +294,61 @@ int edgemoe_cache_attach(edgemoe_cache * cache, llama_context * ctx) {
         }
         if (cache->ctx && !ctx) {
             llama_set_expert_provider(cache->ctx, nullptr);
+            llama_set_abort_callback(cache->ctx, nullptr, nullptr);
+            cache->ctx = nullptr;
         }
-        cache->ctx = ctx;
         if (ctx) {
-            llama_set_expert_provider(ctx, &cache->provider);
+            // llama.cpp opened the model by its path: it must be the file the cache opened
+            std::string err;
+            if (cache->impl->check_file(&err) != EDGEMOE_OK) {
+                return fail(EDGEMOE_ERR_IO, err);
+            }
+            if (!llama_set_expert_provider(ctx, &cache->provider)) {
+                return fail(EDGEMOE_ERR_STATE, "this context may compute graph nodes out of order (pipeline "
+                            "parallelism over several GPUs), which the cache's slot pins do not allow; "
+                            "use one GPU or --split-mode none");
+            }
+            llama_set_abort_callback(ctx, abort_on_fault, cache);
+            cache->ctx = ctx;
         }
         return (int) EDGEMOE_OK;
     });
+}
+
+int edgemoe_cache_take_fault(edgemoe_cache * cache) {
+    return guarded([&] {
+        if (!cache) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache is NULL");
+        }
+        std::string msg;
+        const int status = cache->impl->take_fault(&msg);
+        return status == EDGEMOE_OK ? (int) EDGEMOE_OK : fail(status, msg);
+    });
+}
+
+int edgemoe_cache_check_file(const edgemoe_cache * cache) {
+    return guarded([&] {
+        if (!cache) {
+            return fail(EDGEMOE_ERR_INVALID_ARG, "cache is NULL");
+        }
+        std::string err;
+        const int status = cache->impl->check_file(&err);
+        return status == EDGEMOE_OK ? (int) EDGEMOE_OK : fail(status, err);
+    });
+}
+
+int edgemoe_fault_plan(const char * plan) {
+    return guarded([&] {
+        std::string err;
+        if (!faults::set_plan(plan, &err)) {
+            return fail(faults::available() ? EDGEMOE_ERR_INVALID_ARG : EDGEMOE_ERR_STATE, err);
+        }
+        return (int) EDGEMOE_OK;
+    });
+}
+
+bool edgemoe_fault_injection_available(void) {
+    return faults::available();
 }
 
 int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cache_info * out) {

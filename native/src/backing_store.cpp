@@ -1,13 +1,82 @@
 #include "backing_store.h"
 
+#include "fault_injection.h"
+
 #include <cerrno>
+#include <chrono>
+#include <csetjmp>
+#include <csignal>
 #include <cstring>
 #include <fcntl.h>
+#include <mutex>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <thread>
 #include <unistd.h>
 
 namespace edgemoe {
+
+namespace {
+
+// A read from a mapping whose page cannot be read (the file was truncated under it, or the
+// device failed) raises SIGBUS. The thread copying from the mapping marks itself here and the
+// handler jumps back into that copy; SIGBUS anywhere else keeps its previous meaning. The
+// slot is initial-exec TLS so that the handler never has to allocate it.
+__attribute__((tls_model("initial-exec"))) thread_local sigjmp_buf * t_bus_guard = nullptr;
+struct sigaction g_old_bus;
+std::once_flag   g_bus_once;
+
+void on_sigbus(int sig, siginfo_t * info, void * uctx) {
+    if (sigjmp_buf * jb = t_bus_guard) {
+        t_bus_guard = nullptr;
+        siglongjmp(*jb, 1);
+    }
+    if (g_old_bus.sa_flags & SA_SIGINFO) {
+        if (g_old_bus.sa_sigaction) {
+            g_old_bus.sa_sigaction(sig, info, uctx);
+            return;
+        }
+    } else if (g_old_bus.sa_handler == SIG_IGN) {
+        return;
+    } else if (g_old_bus.sa_handler != SIG_DFL) {
+        g_old_bus.sa_handler(sig);
+        return;
+    }
+    // the default action: returning re-runs the faulting access, which now kills the process
+    signal(SIGBUS, SIG_DFL);
+}
+
+void install_sigbus_handler() {
+    std::call_once(g_bus_once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGBUS, &sa, &g_old_bus);
+    });
+}
+
+// copies from the mapping; false when a page faulted (SIGBUS)
+bool guarded_copy(void * dst, const void * src, size_t n, bool inject) {
+    sigjmp_buf jb;
+    if (sigsetjmp(jb, 1) != 0) {
+        return false;
+    }
+    t_bus_guard = &jb;
+    if (inject) {
+        raise(SIGBUS); // delivered to this thread before raise returns
+    }
+    memcpy(dst, src, n);
+    t_bus_guard = nullptr;
+    return true;
+}
+
+bool is_transient(int e) {
+    return e == EIO || e == EAGAIN || e == EBUSY || e == ETIMEDOUT || e == ENOMEM;
+}
+
+} // namespace
 
 const char * io_name(io_kind k) {
     switch (k) {
@@ -50,7 +119,10 @@ bool backing_store::open(const std::string & path, io_kind kind, std::string * e
         *err = "cannot stat " + path + ": " + strerror(errno);
         return false;
     }
-    size_ = (uint64_t) st.st_size;
+    size_  = (uint64_t) st.st_size;
+    dev_   = st.st_dev;
+    ino_   = st.st_ino;
+    mtime_ = st.st_mtim;
 
     if (kind == io_kind::direct) {
 #ifdef O_DIRECT
@@ -70,20 +142,73 @@ bool backing_store::open(const std::string & path, io_kind kind, std::string * e
             return false;
         }
         map_ = (const uint8_t *) p;
+        install_sigbus_handler();
     }
     return true;
 }
 
-bool backing_store::pread_full(int fd, void * dst, uint64_t offset, size_t size, std::string * err) {
+bool backing_store::check_identity(std::string * err) const {
+    struct stat st;
+    if (fd_buffered_ < 0) {
+        *err = "internal: the model file is not open";
+        return false;
+    }
+    if (fstat(fd_buffered_, &st) != 0) {
+        *err = "cannot stat " + path_ + ": " + strerror(errno);
+        return false;
+    }
+    if ((uint64_t) st.st_size != size_) {
+        *err = "model file " + path_ + " changed size while in use (" + std::to_string(size_) + " -> " +
+               std::to_string((uint64_t) st.st_size) + " bytes); reload it";
+        return false;
+    }
+    if (st.st_mtim.tv_sec != mtime_.tv_sec || st.st_mtim.tv_nsec != mtime_.tv_nsec) {
+        *err = "model file " + path_ + " was modified while in use; reload it";
+        return false;
+    }
+    if (stat(path_.c_str(), &st) != 0) {
+        *err = "model file " + path_ + " was removed while in use (" + strerror(errno) + ")";
+        return false;
+    }
+    if (st.st_dev != dev_ || st.st_ino != ino_) {
+        *err = "model file " + path_ + " was replaced while in use; reload it";
+        return false;
+    }
+    return true;
+}
+
+bool backing_store::pread_full(int fd, void * dst, uint64_t offset, size_t size, std::string * err, bool * transient) {
     uint8_t * p = (uint8_t *) dst;
     size_t done = 0;
+    faults::action fault = faults::next_read();
+    if (fault.k == faults::kind::delay) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(fault.arg));
+    }
     while (done < size) {
-        const ssize_t n = ::pread(fd, p + done, size - done, (off_t) (offset + done));
+        ssize_t n;
+        if (fault.k == faults::kind::eio) {
+            n = -1;
+            errno = EIO;
+        } else if (fault.k == faults::kind::eof) {
+            n = 0;
+        } else if (fault.k == faults::kind::short_read) {
+            // half of what was asked, aligned down for O_DIRECT: the loop must read on
+            const size_t half = ((size - done)/2) & ~(size_t) (kind_ == io_kind::direct ? DIRECT_ALIGN - 1 : 0);
+            n = half > 0 ? ::pread(fd, p + done, half, (off_t) (offset + done)) : ::pread(fd, p + done, size - done, (off_t) (offset + done));
+        } else {
+            n = ::pread(fd, p + done, size - done, (off_t) (offset + done));
+        }
+        fault = {};
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
             }
-            *err = "read of " + path_ + " at " + std::to_string(offset + done) + " failed: " + strerror(errno);
+            const int e = errno;
+            *err = "read of " + path_ + " at " + std::to_string(offset + done) + " failed: " + strerror(e);
+            if (transient) {
+                *transient = is_transient(e);
+            }
+            errno = e;
             return false;
         }
         if (n == 0) {
@@ -92,7 +217,8 @@ bool backing_store::pread_full(int fd, void * dst, uint64_t offset, size_t size,
                 memset(p + done, 0, size - done);
                 return true;
             }
-            *err = "unexpected end of " + path_ + " at " + std::to_string(offset + done);
+            *err = "unexpected end of " + path_ + " at " + std::to_string(offset + done) + " (truncated?)";
+            errno = 0;
             return false;
         }
         done += (size_t) n;
@@ -100,24 +226,50 @@ bool backing_store::pread_full(int fd, void * dst, uint64_t offset, size_t size,
     return true;
 }
 
-bool backing_store::read(void * dst, uint64_t offset, size_t size, void * bounce, size_t bounce_size, std::string * err) {
+bool backing_store::read_mapped(void * dst, uint64_t offset, size_t size, std::string * err, bool * transient) {
+    const faults::action fault = faults::next_read();
+    if (fault.k == faults::kind::delay) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(fault.arg));
+    }
+    if (fault.k == faults::kind::eof) {
+        *err = "unexpected end of " + path_ + " at " + std::to_string(offset) + " (truncated?)";
+        return false;
+    }
+    if (!guarded_copy(dst, map_ + offset, size, fault.k == faults::kind::eio)) {
+        // a page of the mapping could not be read: the file shrank under it or the device failed
+        struct stat st;
+        const bool shrank = fstat(fd_buffered_, &st) == 0 && (uint64_t) st.st_size < offset + size;
+        *err = "read of " + path_ + " at " + std::to_string(offset) + " through the mapping failed (SIGBUS): " +
+               (shrank ? "the file was truncated" : "Input/output error");
+        if (transient) {
+            *transient = !shrank;
+        }
+        return false;
+    }
+    return true;
+}
+
+bool backing_store::read(void * dst, uint64_t offset, size_t size, void * bounce, size_t bounce_size, std::string * err,
+                         bool * transient) {
+    if (transient) {
+        *transient = false;
+    }
     if (offset + size > size_) {
         *err = "read past the end of " + path_;
         return false;
     }
     switch (kind_) {
         case io_kind::mmap:
-            memcpy(dst, map_ + offset, size);
-            return true;
+            return read_mapped(dst, offset, size, err, transient);
         case io_kind::buffered:
-            return pread_full(fd_buffered_, dst, offset, size, err);
+            return pread_full(fd_buffered_, dst, offset, size, err, transient);
         case io_kind::direct:
             break;
     }
 
     const bool aligned = ((uintptr_t) dst % DIRECT_ALIGN) == 0 && offset % DIRECT_ALIGN == 0 && size % DIRECT_ALIGN == 0;
     if (aligned) {
-        if (pread_full(fd_, dst, offset, size, err)) {
+        if (pread_full(fd_, dst, offset, size, err, transient)) {
             return true;
         }
     } else {
@@ -125,18 +277,19 @@ bool backing_store::read(void * dst, uint64_t offset, size_t size, void * bounce
         const uint64_t end   = ((offset + size + DIRECT_ALIGN - 1)/DIRECT_ALIGN)*DIRECT_ALIGN;
         const size_t   span  = (size_t) (end - start);
         if (span <= bounce_size && ((uintptr_t) bounce % DIRECT_ALIGN) == 0) {
-            if (pread_full(fd_, bounce, start, span, err)) {
+            if (pread_full(fd_, bounce, start, span, err, transient)) {
                 memcpy(dst, (const uint8_t *) bounce + (offset - start), size);
                 return true;
             }
         } else {
             *err = "internal: bounce buffer too small or misaligned";
+            errno = 0;
         }
     }
     // EINVAL here means this file system takes O_DIRECT at open but not at read
     if (errno == EINVAL) {
         err->clear();
-        return pread_full(fd_buffered_, dst, offset, size, err);
+        return pread_full(fd_buffered_, dst, offset, size, err, transient);
     }
     return false;
 }

@@ -1,10 +1,13 @@
 // Reads expert slices from the model file: O_DIRECT into aligned buffers (default), buffered
-// pread, or memcpy from a read-only mapping.
+// pread, or memcpy from a read-only mapping (guarded: a page that fails, as in a file truncated
+// under the mapping, is an error, not SIGBUS).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <ctime>
 #include <string>
+#include <sys/types.h>
 
 namespace edgemoe {
 
@@ -28,14 +31,21 @@ public:
     io_kind kind() const { return kind_; }
 
     // Reads size bytes at offset into dst. bounce: DIRECT_ALIGN-aligned scratch of at least
-    // bounce_size bytes, used when dst, offset or size is not aligned for O_DIRECT.
-    bool read(void * dst, uint64_t offset, size_t size, void * bounce, size_t bounce_size, std::string * err);
+    // bounce_size bytes, used when dst, offset or size is not aligned for O_DIRECT. On failure
+    // *transient (if given) tells whether a retry may succeed (EIO and the like).
+    bool read(void * dst, uint64_t offset, size_t size, void * bounce, size_t bounce_size, std::string * err,
+              bool * transient = nullptr);
+
+    // The file at the path is still the one opened, unmodified (device, inode, size, mtime):
+    // the cache must read the bytes llama.cpp loaded, never a replaced or rewritten file's.
+    bool check_identity(std::string * err) const;
 
     // bounce bytes a read of size bytes may need
     static size_t bounce_size_for(size_t size) { return size + 2*DIRECT_ALIGN; }
 
 private:
-    bool pread_full(int fd, void * dst, uint64_t offset, size_t size, std::string * err);
+    bool pread_full(int fd, void * dst, uint64_t offset, size_t size, std::string * err, bool * transient);
+    bool read_mapped(void * dst, uint64_t offset, size_t size, std::string * err, bool * transient);
 
     io_kind     kind_ = io_kind::direct;
     std::string path_;
@@ -43,6 +53,10 @@ private:
     int         fd_buffered_ = -1; // for a direct read that the kernel refuses at run time
     const uint8_t * map_ = nullptr;
     uint64_t    size_ = 0;
+    // identity at open
+    dev_t       dev_ = 0;
+    ino_t       ino_ = 0;
+    timespec    mtime_ {};
 };
 
 } // namespace edgemoe

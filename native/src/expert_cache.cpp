@@ -1,5 +1,7 @@
 #include "expert_cache.h"
 
+#include "fault_injection.h"
+
 #include "edgemoe.h"
 
 #include <algorithm>
@@ -46,12 +48,7 @@ std::string human_bytes(uint64_t n) {
     return buf;
 }
 
-[[noreturn]] void fatal(const std::string & msg) {
-    // a failed expert read cannot be reported through the graph: computing on would be wrong
-    fprintf(stderr, "edgemoe: fatal: %s\n", msg.c_str());
-    fflush(stderr);
-    abort();
-}
+constexpr int MAX_READ_RETRIES = 3; // a transient read error (EIO...) is tried this many times more
 
 } // namespace
 
@@ -236,7 +233,12 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
             char name[GGML_MAX_NAME];
             snprintf(name, sizeof(name), "edgemoe.slots.%zu.%s", i, role_name(r));
             ggml_set_name(t, name);
-            GGML_ASSERT((uint64_t) t->nb[2] == rt.slice_bytes);
+            if ((uint64_t) t->nb[2] != rt.slice_bytes) {
+                *err = std::string("tensor ") + rt.name + ": " + std::to_string(rt.slice_bytes) +
+                       " bytes per expert in the file, " + std::to_string((uint64_t) t->nb[2]) + " by its shape";
+                *status = EDGEMOE_ERR_FORMAT;
+                return false;
+            }
 
             uint8_t * mem = nullptr;
             if (!memory_.alloc(t, &mem, err)) {
@@ -283,6 +285,14 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         }
     }
 
+    // injected read faults, for tests (a build with EDGEMOE_FAULT_INJECTION; fault_injection.h)
+    if (const char * plan = getenv("EDGEMOE_FAULTS")) {
+        if (!faults::set_plan(plan, err)) {
+            *err = "EDGEMOE_FAULTS: " + *err;
+            *status = EDGEMOE_ERR_INVALID_ARG;
+            return false;
+        }
+    }
     // a slow disk on demand, for tests and for what-if measurements (docs/cache.md)
     if (const char * d = getenv("EDGEMOE_READ_DELAY_MS")) {
         read_delay_us_ = (int64_t) (atof(d)*1000.0);
@@ -470,39 +480,56 @@ void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
 
     std::lock_guard<std::mutex> lock(mu_);
     block & bl = blocks_[r.block];
-    // the batch row of ubatch row t (llama.cpp may reorder a batch when it splits it by sequence)
-    const bool mapped = (int64_t) ub_rows_.size() == n_ubatch;
-    auto batch_row = [&](int64_t t) -> int64_t { return mapped ? ub_rows_[t] : t; };
-    auto ubatch_row = [&](int64_t t) -> int64_t {
-        const int64_t tok = out_ids ? ((const int32_t *) out_ids->data)[t] : t;
-        if (tok < 0 || tok >= n_ubatch) {
-            fatal("internal: output row " + std::to_string(tok) + " outside the ubatch");
-        }
-        return tok;
-    };
-    if (bl.routes.empty()) {
+    auto router_ids = [&] {
         for (int64_t t = 0; t < n_rows; ++t) {
             const int32_t * row = (const int32_t *) ((const char *) src->data + t*src->nb[1]);
             for (int64_t j = 0; j < k; ++j) {
                 out[t*k + j] = row[j*src->nb[0]/sizeof(int32_t)];
             }
         }
+    };
+    if (faulted()) {
+        router_ids(); // the graph is being aborted: in-range ids, nothing consumed
+        return;
+    }
+    // the batch row of ubatch row t (llama.cpp may reorder a batch when it splits it by sequence)
+    const bool mapped = (int64_t) ub_rows_.size() == n_ubatch;
+    auto batch_row = [&](int64_t t) -> int64_t { return mapped ? ub_rows_[t] : t; };
+    auto ubatch_row = [&](int64_t t) -> int64_t { return out_ids ? ((const int32_t *) out_ids->data)[t] : t; };
+    const int64_t n_queued = (int64_t) bl.taken.size();
+    auto queued_row = [&](int64_t t) -> int64_t { return mapped ? bl.batch_base + batch_row(t) - bl.routes_base : t; };
+    // check everything before consuming anything: a misuse fails this decode, not the process
+    for (int64_t t = 0; t < n_rows; ++t) {
+        const int64_t tok = ubatch_row(t);
+        if (tok < 0 || tok >= n_ubatch) {
+            set_fault(EDGEMOE_ERR_STATE, "internal: output row " + std::to_string(tok) + " outside the ubatch");
+            router_ids();
+            return;
+        }
+    }
+    if (!bl.routes.empty()) {
+        if (!out_ids && n_rows != n_ubatch) {
+            set_fault(EDGEMOE_ERR_STATE, "internal: a route op over " + std::to_string(n_rows) + " of " +
+                      std::to_string(n_ubatch) + " rows");
+            router_ids();
+            return;
+        }
+        for (int64_t t = 0; t < n_ubatch; ++t) {
+            const int64_t q = queued_row(t);
+            if (bl.routes_k != k || q < 0 || q >= n_queued || bl.taken[q]) {
+                set_fault(EDGEMOE_ERR_STATE, "external routes of layer " + std::to_string(bl.layer) + " cover " +
+                          std::to_string(n_queued) + " tokens; the batch needs " + std::to_string(n_ubatch) +
+                          " more (set routes for every token of every layer before decoding)");
+                router_ids();
+                return;
+            }
+        }
+    }
+    if (bl.routes.empty()) {
+        router_ids();
     } else {
         // routes are queued per batch row, from the batch's first; a block computed only for
         // the output rows takes those rows' routes and still consumes the whole ubatch's
-        const int64_t n_queued = (int64_t) bl.taken.size();
-        auto queued_row = [&](int64_t t) -> int64_t {
-            const int64_t q = mapped ? bl.batch_base + batch_row(t) - bl.routes_base : t;
-            if (bl.routes_k != k || q < 0 || q >= n_queued || bl.taken[q]) {
-                fatal("external routes of layer " + std::to_string(bl.layer) + " cover " +
-                      std::to_string(n_queued) + " tokens; the batch needs " + std::to_string(n_ubatch) +
-                      " more (set routes for every token of every layer before decoding)");
-            }
-            return q;
-        };
-        if (!out_ids && n_rows != n_ubatch) {
-            fatal("internal: a route op over " + std::to_string(n_rows) + " of " + std::to_string(n_ubatch) + " rows");
-        }
         for (int64_t t = 0; t < n_rows; ++t) {
             const int64_t q = queued_row(ubatch_row(t));
             for (int64_t j = 0; j < k; ++j) {
@@ -731,6 +758,15 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     block & bl = blocks_[w.block];
     pool & p = pools_[bl.pool];
     layer_stats & st = stats_[bl.layer];
+    // a fault ends the remap here: the graph stops after this node (the abort callback)
+    auto fail = [&](int status, const std::string & msg) {
+        set_fault(status, msg);
+        safe_ids(out, k, n_tokens);
+    };
+    if (faulted()) {
+        safe_ids(out, k, n_tokens);
+        return;
+    }
     const uint64_t now = ++step_;
     cur_block_ = w.block;
 
@@ -744,7 +780,13 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         for (int64_t i = 0; i < n_pairs; ++i) {
             const int32_t e = sel[i];
             if (e < 0 || e >= layout_.n_expert) {
-                fatal("expert id " + std::to_string(e) + " out of range in layer " + std::to_string(bl.layer));
+                for (int64_t j = 0; j < i; ++j) { // leave no half-built partition behind
+                    bl.expert_rank[sel[j]] = -1;
+                }
+                bl.distinct.clear();
+                bl.uses.clear();
+                return fail(EDGEMOE_ERR_INVALID_ARG, "expert id " + std::to_string(e) + " out of range in layer " +
+                            std::to_string(bl.layer));
             }
             if (bl.expert_rank[e] < 0) {
                 bl.expert_rank[e] = (int32_t) bl.distinct.size();
@@ -754,7 +796,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             bl.uses[bl.expert_rank[e]]++;
         }
         if ((int64_t) bl.distinct.size() > (int64_t) p.n_slots*w.count) {
-            fatal("internal: more distinct experts than the waves can hold");
+            return fail(EDGEMOE_ERR_STATE, "internal: more distinct experts than the waves can hold");
         }
         judge_predictions(w.block);
         if (w.count > 1) {
@@ -821,6 +863,12 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         const int32_t e = bl.distinct[i];
         const int32_t uses = bl.uses[i];
         int32_t s = bl.slot_of[e];
+        if (s >= 0 && p.slots[s].failed) {
+            // an earlier decode's load failed here and nobody took the slot back: read again
+            p.slots[s].failed = false;
+            push_job(io_job{ bl.pool, s, w.block, e, p.slots[s].gen }, true);
+            n_queued++;
+        }
         if (s >= 0) {
             use_resident(s, uses);
             continue;
@@ -828,14 +876,16 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         while ((s = acquire_slot(p, now, false)) < 0) {
             // every other slot is pinned or being filled by a prefetch: wait for a fill
             bool loading = false;
+            bool failed = false;
             for (const auto & o : p.slots) {
                 loading |= o.state == SLOT_LOADING;
-                if (o.failed) {
-                    fatal(io_error_);
-                }
+                failed  |= o.failed;
+            }
+            if (failed) {
+                return fail(EDGEMOE_ERR_IO, io_error_);
             }
             if (!loading) {
-                fatal("internal: no evictable slot in layer " + std::to_string(bl.layer));
+                return fail(EDGEMOE_ERR_STATE, "internal: no evictable slot in layer " + std::to_string(bl.layer));
             }
             if (n_queued > 0) {
                 cv_jobs_.notify_all();
@@ -884,7 +934,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             waited_ms += ms_since(tw);
         }
         if (p.slots[s].failed) {
-            fatal(io_error_);
+            return fail(EDGEMOE_ERR_IO, io_error_);
         }
     }
 
@@ -920,7 +970,8 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
                     loading |= o.state == SLOT_LOADING;
                 }
                 if (!loading) {
-                    fatal("internal: fewer than top-k ready slots for a wave in layer " + std::to_string(bl.layer));
+                    return fail(EDGEMOE_ERR_STATE, "internal: fewer than top-k ready slots for a wave in layer " +
+                                std::to_string(bl.layer));
                 }
                 cv_jobs_.notify_all();
                 const auto tw = std::chrono::steady_clock::now();
@@ -1161,6 +1212,8 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
     }
     size_t staged = 0; // staged roles lie one after another in the staging buffer
     double convert_ms = 0.0;
+    // the bytes must be the file llama.cpp loaded: a replaced or rewritten model is an error
+    ok = store_.check_identity(&err);
     for (int r = 0; r < ROLE_COUNT && ok; ++r) {
         const role_tensor & rt = mb.roles[r];
         if (!rt.present) {
@@ -1168,7 +1221,28 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
         }
         const bool direct = p.base[r] != nullptr; // the CPU writes this role's slots in place
         uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] : up->staging() + staged;
-        ok = store_.read(dst, rt.file_offset + (uint64_t) job.expert*rt.slice_bytes, rt.slice_bytes, bounce, bounce_size, &err);
+        const uint64_t offset = rt.file_offset + (uint64_t) job.expert*rt.slice_bytes;
+        std::string first_err;
+        for (int attempt = 0;; ++attempt) {
+            bool transient = false;
+            ok = store_.read(dst, offset, rt.slice_bytes, bounce, bounce_size, &err, &transient);
+            if (ok && attempt > 0) {
+                // healed: say so, once a read succeeds (a lasting fault's error says the rest)
+                read_notice(first_err + "; read again after " + std::to_string(attempt) +
+                            (attempt == 1 ? " retry" : " retries"));
+            }
+            if (ok || !transient) {
+                break;
+            }
+            if (attempt == MAX_READ_RETRIES) {
+                err += " (after " + std::to_string(MAX_READ_RETRIES) + " retries)";
+                break;
+            }
+            if (first_err.empty()) {
+                first_err = err;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(2 << (2*attempt))); // 2, 8, 32 ms
+        }
         if (ok && !direct) {
             // VRAM: queued on this thread's own stream, overlapping the next role's read and the
             // compute; a repacked host pool: converted here
@@ -1196,19 +1270,78 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
             st.bytes_read += bytes;
             sl.state = SLOT_READY;
         } else if (sl.prefetched) {
-            // nobody waits for a hint: give the slot back, a later use loads it on demand
+            // nobody waits for a hint: give the slot back, silently; a later use reads on
+            // demand and fails its decode if the fault lasts
             blocks_[job.block].slot_of[job.expert] = -1;
             p.pol->on_evict(job.slot);
             empty_slot(p, job.slot);
-            if (!opts_.quiet) {
-                fprintf(stderr, "edgemoe: prefetch failed: %s\n", err.c_str());
-            }
         } else {
             sl.failed = true;
             io_error_ = err;
         }
     }
     cv_done_.notify_all();
+}
+
+void expert_cache::read_notice(const std::string & msg) {
+    // a failing device fails every read: a few lines tell it, the decode's error says the rest
+    constexpr int MAX_NOTICES = 6;
+    const int n = notices_.fetch_add(1, std::memory_order_relaxed);
+    if (opts_.quiet || n > MAX_NOTICES) {
+        return;
+    }
+    if (n == MAX_NOTICES) {
+        fprintf(stderr, "edgemoe: further read errors are not shown\n");
+    } else {
+        fprintf(stderr, "edgemoe: %s\n", msg.c_str());
+    }
+}
+
+void expert_cache::set_fault(int status, const std::string & msg) {
+    if (fault_status_.load(std::memory_order_relaxed) == 0) {
+        fault_msg_ = msg;
+        fault_status_.store(status, std::memory_order_relaxed);
+    }
+    drop_failed_slots();
+}
+
+void expert_cache::drop_failed_slots() {
+    for (size_t pi = 0; pi < pools_.size(); ++pi) {
+        pool & p = pools_[pi];
+        for (int32_t s = 0; s < p.n_slots; ++s) {
+            if (p.slots[s].failed) {
+                blocks_[key_block(p.slots[s].key)].slot_of[key_expert(p.slots[s].key)] = -1;
+                p.pol->on_evict(s);
+                empty_slot(p, s);
+            }
+        }
+    }
+}
+
+void expert_cache::safe_ids(int32_t * out, int64_t k, int64_t n_tokens) {
+    // slots 0..k-1: distinct per token (kernels size row maps for one use per token) and in
+    // range of every pool and view, which hold at least top-k slots
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+            out[t*k + j] = (int32_t) j;
+        }
+    }
+}
+
+int expert_cache::take_fault(std::string * msg) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const int status = fault_status_.load(std::memory_order_relaxed);
+    if (status != 0) {
+        *msg = fault_msg_;
+        fault_msg_.clear();
+        fault_status_.store(0, std::memory_order_relaxed);
+        drop_failed_slots(); // loads that failed while the graph was stopping
+    }
+    return status;
+}
+
+int expert_cache::check_file(std::string * err) const {
+    return store_.check_identity(err) ? EDGEMOE_OK : EDGEMOE_ERR_IO;
 }
 
 int expert_cache::prefetch(int32_t layer, const int32_t * experts, int32_t n, std::string * err) {

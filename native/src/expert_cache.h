@@ -118,6 +118,16 @@ public:
     layer_stats stats(int32_t layer) const; // layer < 0: total
     void reset_stats();
 
+    // A fault (a failed expert read, a replaced model file, a misused route queue) cannot be
+    // returned from a custom op: the op records it, writes ids that are safe to compute on,
+    // and llama.cpp's abort callback (faulted()) stops the graph after that node, so
+    // llama_decode fails and rolls the ubatch back. take_fault hands over the status and
+    // message once and clears it; the cache is usable again.
+    bool faulted() const { return fault_status_.load(std::memory_order_relaxed) != 0; }
+    int  take_fault(std::string * msg);
+    // the model file is still the one opened (backing_store::check_identity); an error status
+    int  check_file(std::string * err) const;
+
 private:
     enum slot_state : uint8_t { SLOT_EMPTY, SLOT_LOADING, SLOT_READY };
 
@@ -211,6 +221,13 @@ private:
     std::vector<int32_t> ub_rows_;  // batch row of each row of the ubatch being computed
     int64_t last_rows_ = 0;         // rows of the last batch seen so far
     int32_t block_of_layer(int32_t layer) const;
+    // under mu_: records the first fault of a decode and empties the slots whose loads failed
+    // (their next use reads again: a transient fault heals)
+    void    set_fault(int status, const std::string & msg);
+    void    drop_failed_slots(); // under mu_
+    void    read_notice(const std::string & msg); // a read error or retry on stderr, rate-limited
+    // a fault's stand-in for a remap's output: k distinct in-range slots per token
+    static void safe_ids(int32_t * out, int64_t k, int64_t n_tokens);
 
     cache_options opts_;
     model_layout  layout_;
@@ -243,7 +260,10 @@ private:
     std::condition_variable wait_cv_;
     std::vector<std::thread> threads_;
     bool stop_ = false;
-    std::string io_error_;
+    std::string io_error_;        // the last failed demand load's reason
+    std::atomic<int> fault_status_{0};
+    std::string      fault_msg_;  // under mu_
+    std::atomic<int> notices_{0};
 
     int64_t  read_delay_us_ = 0; // EDGEMOE_READ_DELAY_MS: added to every expert read
     uint64_t step_ = 1; // advances per remap; pins and policy clocks use it

@@ -32,14 +32,15 @@ def free_port() -> int:
 class Server:
     """`python -m edgemoe serve` on a free loopback port, ready once /health says ok."""
 
-    def __init__(self, env, *args, ready_timeout=120.0):
+    def __init__(self, env, *args, ready_timeout=120.0, model=MODEL):
         import subprocess
 
         if not MODEL.exists():
             pytest.skip(f"{MODEL} not found")
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", str(MODEL),
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", str(model),
                                       "--port", str(self.port), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         end = time.monotonic() + ready_timeout
@@ -69,7 +70,7 @@ class Server:
         err = self.proc.stderr.read()
         assert code == 0, err
         assert "Traceback" not in err, err
-        assert f"edgemoe: serving {MODEL} on {self.url} (" in err
+        assert f"edgemoe: serving {self.model} on {self.url} (" in err
         return err
 
     def kill(self):
