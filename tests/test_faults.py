@@ -231,8 +231,11 @@ def test_run_heals_transient_faults_and_reports_a_lasting_one_in_one_line(edgemo
     assert_one_line_error(broken, "input/output error", "after 3 retries")
 
 
-def test_run_refuses_a_model_replaced_while_it_generates(edgemoe_env, model_copy, faults):
-    """Slow reads keep the run going for seconds; the file is replaced meanwhile."""
+@pytest.mark.parametrize("how", ["replaced", "truncated"])
+def test_run_refuses_a_model_changed_while_it_generates(edgemoe_env, model_copy, faults, how):
+    """Slow reads keep the run going for seconds; the file changes meanwhile. A truncation that
+    lands inside a decode may hit llama.cpp's own mapping of the dense weights (SIGBUS): that
+    too ends in one line and status 1, not a core dump."""
     proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", "-m", str(model_copy), "-p", "Once upon a time",
                              "-n", "400", "--temp", "0", "--expert-cache", "10%"],
                             env=dict(edgemoe_env, EDGEMOE_FAULTS="delay=20@0+inf"), stdout=subprocess.PIPE,
@@ -240,7 +243,7 @@ def test_run_refuses_a_model_replaced_while_it_generates(edgemoe_env, model_copy
     try:
         first = proc.stdout.read(1)  # generation has begun
         assert first, proc.stderr.read()
-        _change(model_copy, "replaced")
+        _change(model_copy, how)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -248,5 +251,30 @@ def test_run_refuses_a_model_replaced_while_it_generates(edgemoe_env, model_copy
             proc.wait()
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("edgemoe: error: model file ")
-    assert "was replaced while in use" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"edgemoe: error: model file {model_copy} "), err
+    assert ("was replaced while in use" in last) if how == "replaced" else \
+        ("changed size while in use" in last or "was truncated" in last), err
+
+
+def test_a_truncation_under_llamas_own_mapping_ends_in_one_line(model_copy, edgemoe_env):
+    """With the file check skipped, the next decode reads dense weights from llama.cpp's mapping
+    of a file cut to 1 MiB: SIGBUS there ends the process with one line and status 1."""
+    script = f"""
+import os
+from edgemoe.engine import Engine
+e = Engine({str(model_copy)!r}, expert_cache="25%", n_ctx=64, n_threads=2)
+toks = e.tokenize("Once upon a time there was")
+e.eval(toks[:4])
+os.truncate({str(model_copy)!r}, 1 << 20)
+e._cache.check_file = lambda: None
+e.eval(toks[4:])
+print("decoded from a truncated file")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=edgemoe_env, capture_output=True, text=True,
+                          timeout=120)
+    assert "decoded from a truncated file" not in proc.stdout
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"edgemoe: error: model file {model_copy} was truncated or "
+                                                    "failed to read under llama.cpp's mapping (SIGBUS)")

@@ -303,6 +303,7 @@ int edgemoe_cache_attach(edgemoe_cache * cache, llama_context * ctx) {
             if (cache->impl->check_file(&err) != EDGEMOE_OK) {
                 return fail(EDGEMOE_ERR_IO, err);
             }
+            cache->impl->guard_file_mappings();
             if (!llama_set_expert_provider(ctx, &cache->provider)) {
                 return fail(EDGEMOE_ERR_STATE, "this context may compute graph nodes out of order (pipeline "
                             "parallelism over several GPUs), which the cache's slot pins do not allow; "

@@ -2,8 +2,11 @@
 
 #include "fault_injection.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <csetjmp>
 #include <csignal>
 #include <cstring>
@@ -11,6 +14,7 @@
 #include <mutex>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <thread>
 #include <unistd.h>
 
@@ -26,10 +30,29 @@ __attribute__((tls_model("initial-exec"))) thread_local sigjmp_buf * t_bus_guard
 struct sigaction g_old_bus;
 std::once_flag   g_bus_once;
 
+// Other mappings of a model file (llama.cpp's own, for the dense weights): a fault there comes
+// from compute that cannot be resumed, so the process ends with one line instead of a core.
+struct mapped_range { uintptr_t lo, hi; };
+constexpr int      MAX_RANGES = 32;
+mapped_range       g_ranges[MAX_RANGES];
+std::atomic<int>   g_n_ranges{0};
+std::mutex         g_ranges_mu;  // writers only; the handler reads the published prefix
+char               g_bus_msg[1024];
+size_t             g_bus_msg_len = 0;
+
 void on_sigbus(int sig, siginfo_t * info, void * uctx) {
     if (sigjmp_buf * jb = t_bus_guard) {
         t_bus_guard = nullptr;
         siglongjmp(*jb, 1);
+    }
+    const uintptr_t a = (uintptr_t) info->si_addr;
+    const int n = g_n_ranges.load(std::memory_order_acquire);
+    for (int i = 0; i < n; ++i) {
+        if (a >= g_ranges[i].lo && a < g_ranges[i].hi) {
+            ssize_t w = ::write(2, g_bus_msg, g_bus_msg_len);
+            (void) w;
+            _exit(1);
+        }
     }
     if (g_old_bus.sa_flags & SA_SIGINFO) {
         if (g_old_bus.sa_sigaction) {
@@ -71,6 +94,46 @@ bool guarded_copy(void * dst, const void * src, size_t n, bool inject) {
     t_bus_guard = nullptr;
     return true;
 }
+
+} // namespace
+
+void backing_store::guard_file_mappings() const {
+    install_sigbus_handler();
+    FILE * f = fopen("/proc/self/maps", "r");
+    if (!f) {
+        return; // no procfs: such a fault keeps its default meaning
+    }
+    std::lock_guard<std::mutex> lock(g_ranges_mu);
+    if (g_bus_msg_len == 0) {
+        const int n = snprintf(g_bus_msg, sizeof(g_bus_msg), "edgemoe: error: model file %s was truncated or "
+                               "failed to read under llama.cpp's mapping (SIGBUS)\n", path_.c_str());
+        g_bus_msg_len = n > 0 ? std::min<size_t>((size_t) n, sizeof(g_bus_msg) - 1) : 0;
+    }
+    char line[4096];
+    while (fgets(line, sizeof(line), f)) {
+        unsigned long lo = 0, hi = 0, off = 0, inode = 0;
+        unsigned int dmaj = 0, dmin = 0;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &off, &dmaj, &dmin, &inode) != 7) {
+            continue;
+        }
+        if ((ino_t) inode != ino_ || dmaj != major(dev_) || dmin != minor(dev_)) {
+            continue;
+        }
+        const int n = g_n_ranges.load(std::memory_order_relaxed);
+        bool known = false;
+        for (int i = 0; i < n; ++i) {
+            known |= g_ranges[i].lo == lo && g_ranges[i].hi == hi;
+        }
+        if (!known && n < MAX_RANGES) {
+            g_ranges[n] = { lo, hi };
+            g_n_ranges.store(n + 1, std::memory_order_release);
+        }
+    }
+    fclose(f);
+}
+
+namespace {
 
 bool is_transient(int e) {
     return e == EIO || e == EAGAIN || e == EBUSY || e == ETIMEDOUT || e == ENOMEM;

@@ -40,6 +40,11 @@ public:
     // the cache must read the bytes llama.cpp loaded, never a replaced or rewritten file's.
     bool check_identity(std::string * err) const;
 
+    // Other mappings of this file in the process (llama.cpp's, for the dense weights), found in
+    // /proc/self/maps: a SIGBUS there (the file truncated under them) ends the process with a
+    // one-line error and exit status 1 rather than a core dump; compute cannot resume there.
+    void guard_file_mappings() const;
+
     // bounce bytes a read of size bytes may need
     static size_t bounce_size_for(size_t size) { return size + 2*DIRECT_ALIGN; }
 

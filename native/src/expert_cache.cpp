@@ -492,6 +492,16 @@ void expert_cache::op_route(ggml_tensor * dst, const wave_ctx & r) {
         router_ids(); // the graph is being aborted: in-range ids, nothing consumed
         return;
     }
+    // the pin rule (a slot pinned by one step is evictable from the next) assumes a graph's
+    // blocks run in order, one graph at a time: check it rather than trust it
+    if (r.block != 0 && r.block <= order_block_) {
+        set_fault(EDGEMOE_ERR_STATE, "internal: the route op of MoE block " + std::to_string(r.block) +
+                  " ran after block " + std::to_string(order_block_) + "'s: graph nodes ran out of order");
+        router_ids();
+        return;
+    }
+    order_block_ = r.block;
+    order_wave_  = 0;
     // the batch row of ubatch row t (llama.cpp may reorder a batch when it splits it by sequence)
     const bool mapped = (int64_t) ub_rows_.size() == n_ubatch;
     auto batch_row = [&](int64_t t) -> int64_t { return mapped ? ub_rows_[t] : t; };
@@ -767,6 +777,12 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         safe_ids(out, k, n_tokens);
         return;
     }
+    if (w.block != order_block_ || w.index != order_wave_) {
+        return fail(EDGEMOE_ERR_STATE, "internal: wave " + std::to_string(w.index) + " of MoE block " +
+                    std::to_string(w.block) + " ran where wave " + std::to_string(order_wave_) + " of block " +
+                    std::to_string(order_block_) + " was due: graph nodes ran out of order");
+    }
+    order_wave_++;
     const uint64_t now = ++step_;
     cur_block_ = w.block;
 

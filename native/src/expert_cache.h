@@ -127,6 +127,8 @@ public:
     int  take_fault(std::string * msg);
     // the model file is still the one opened (backing_store::check_identity); an error status
     int  check_file(std::string * err) const;
+    // after llama.cpp mapped the model: a SIGBUS in its mapping ends the process in one line
+    void guard_file_mappings() const { store_.guard_file_mappings(); }
 
 private:
     enum slot_state : uint8_t { SLOT_EMPTY, SLOT_LOADING, SLOT_READY };
@@ -264,6 +266,8 @@ private:
     std::atomic<int> fault_status_{0};
     std::string      fault_msg_;  // under mu_
     std::atomic<int> notices_{0};
+    int32_t order_block_ = -1; // the block whose route op ran last, and its next wave
+    int32_t order_wave_  = 0;
 
     int64_t  read_delay_us_ = 0; // EDGEMOE_READ_DELAY_MS: added to every expert read
     uint64_t step_ = 1; // advances per remap; pins and policy clocks use it
