@@ -278,3 +278,25 @@ print("decoded from a truncated file")
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (f"edgemoe: error: model file {model_copy} was truncated or "
                                                     "failed to read under llama.cpp's mapping (SIGBUS)")
+
+
+def test_a_route_queue_too_short_fails_the_decode_not_the_process():
+    """Routes queued for one token of every layer, then a batch of two: the decode fails with
+    StateError (before, abort()), nothing is consumed, and with the queue cleared the engine
+    decodes on."""
+    from edgemoe.errors import StateError
+
+    with _engine(TRAINED) as e:
+        cache = e.cache
+        info = cache.layout
+        tokens = _tokens(e, N_PROMPT + 2)
+        e.eval(tokens[:N_PROMPT])
+        routes = np.zeros((1, info.n_moe_layer, info.n_expert_used), dtype=np.int32)
+        routes[..., :] = np.arange(info.n_expert_used, dtype=np.int32)
+        cache.set_routes_all(routes)
+        with pytest.raises(StateError, match="external routes of layer .* cover 1 tokens"):
+            e.eval(tokens[N_PROMPT:N_PROMPT + 2])
+        assert e.n_past == N_PROMPT
+        cache.clear_routes()
+        e.eval(tokens[N_PROMPT:N_PROMPT + 2])
+        assert e.n_past == N_PROMPT + 2
