@@ -256,3 +256,21 @@ def test_trace_records_the_routers_choices(readme_model):
     expected = np.concatenate([torch_router_routes(router, tokens[s:s + 16]) for s in range(0, 40, 16)])
     assert list(trace.layers) == list(router.layers)
     assert np.array_equal(trace.experts, expected)
+
+
+@needs_cache
+@pytest.mark.parametrize("n_batch, n_ubatch", [(8, 8), (16, 4)])
+def test_a_prompt_in_chunks_keeps_every_layer_on_its_own_routes(readme_model, n_batch, n_ubatch):
+    """A prompt longer than n_batch decodes in chunks with no output rows but the last (and a
+    batch in ubatches of which only the last has one): the last layer computes none of those
+    rows, so it takes none of their routes. Left queued, they were the next token's routes in
+    that layer (stale routes, silently); every layer must use the router's routes for it."""
+    path, _router = readme_model
+    prompt = _prompt()
+    with _engine(path, expert_cache="50%", n_batch=n_batch, n_ubatch=n_ubatch) as e:
+        e.eval(prompt, last_only=True)
+        nxt = 123
+        want = e.routes_ahead(0, nxt)
+        e.eval([nxt])
+        used = e.last_routes(1)[0]
+    assert np.array_equal(np.sort(used, axis=-1), np.sort(want, axis=-1)), (used, want)

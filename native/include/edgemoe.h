@@ -165,7 +165,9 @@ EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cach
 // replaced or rewritten while in use, a route queue too short for the batch) stops the graph
 // through the context's abort callback, which attach sets: llama_decode returns 2 and rolls
 // the ubatch back. This returns that fault's status once (EDGEMOE_OK if none) with its message
-// in edgemoe_last_error, and clears it; the cache and the context stay usable.
+// in edgemoe_last_error, and clears it; the cache and the context stay usable. Taking a fault
+// also empties the route queues (the failed batch took some layers' routes and not others'):
+// queue the routes again before decoding that batch again.
 EDGEMOE_API int edgemoe_cache_take_fault(edgemoe_cache * cache);
 // EDGEMOE_ERR_IO when the model file at the cache's path is no longer the one it opened
 // (replaced, removed, resized or modified): check before a decode, as the cache does before

@@ -579,9 +579,27 @@ void expert_cache::ubatch_rows(const int32_t * batch_idx, int32_t n_tokens, int3
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t k = layout_.n_expert_used;
     if (first_row == 0) {
-        // a new batch: its row 0 is the first token still queued
         for (auto & bl : blocks_) {
+            // rows of the last batch that this block never took are dropped: a ubatch with no
+            // output rows has no route op in the last block (llama.cpp computes it for 0 rows),
+            // and left queued they would become the new batch's routes, and Belady's future
+            const int64_t prev_end = bl.batch_end;
+            const int32_t kb = bl.routes_k;
+            while (!bl.taken.empty() && bl.routes_base < prev_end) {
+                for (int32_t j = 0; j < kb; ++j) {
+                    auto & uses = bl.uses_at[bl.routes[j]];
+                    if (!uses.empty() && uses.front() == bl.routes_base) {
+                        uses.pop_front();
+                    }
+                }
+                bl.routes.erase(bl.routes.begin(), bl.routes.begin() + kb);
+                bl.taken.pop_front();
+                bl.routes_base++;
+            }
+            // a new batch: its row 0 is the first token still queued
             bl.batch_base = bl.routes_base;
+            bl.batch_end  = bl.batch_base;
+            bl.batch_routed = !bl.taken.empty();
         }
         last_rows_ = 0;
     }
@@ -594,6 +612,9 @@ void expert_cache::ubatch_rows(const int32_t * batch_idx, int32_t n_tokens, int3
     for (auto & bl : blocks_) {
         if (first_row == 0) {
             std::fill(bl.last.begin(), bl.last.end(), -1);
+        }
+        if (bl.batch_routed) {
+            bl.batch_end = std::max(bl.batch_end, bl.batch_base + rows); // this batch's rows, queued
         }
         if ((int64_t) bl.last.size() < rows*k) {
             bl.last.resize(rows*k, -1);
@@ -1352,6 +1373,8 @@ int expert_cache::take_fault(std::string * msg) {
         fault_msg_.clear();
         fault_status_.store(0, std::memory_order_relaxed);
         drop_failed_slots(); // loads that failed while the graph was stopping
+        // the failed batch took some blocks' routes and not others': queue them again
+        clear_routes_locked();
     }
     return status;
 }
@@ -1538,12 +1561,18 @@ int32_t expert_cache::prefetch_routes(uint64_t now) {
 
 void expert_cache::clear_routes() {
     std::lock_guard<std::mutex> lock(mu_);
+    clear_routes_locked();
+}
+
+void expert_cache::clear_routes_locked() {
     for (auto & bl : blocks_) {
         bl.routes.clear();
         bl.taken.clear();
         bl.routes_k = 0;
         bl.routes_base = 0;
         bl.batch_base = 0;
+        bl.batch_end = 0;
+        bl.batch_routed = false;
         for (auto & q : bl.uses_at) {
             q.clear();
         }

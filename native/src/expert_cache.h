@@ -181,6 +181,8 @@ private:
         int32_t routes_k = 0;
         int64_t routes_base = 0;                 // running index of the token at the queue's front
         int64_t batch_base = 0;                  // running index of the current batch's row 0
+        int64_t batch_end = 0;                   // ... and past its last row, where it took routes
+        bool    batch_routed = false;            // routes were queued when the batch began
         std::vector<int32_t> last;               // the last batch's ids, k per row (-1: not computed)
         // expert -> running indices of the queued tokens that use it, ascending: the next use
         // is the front, so Belady's lookup is O(1) instead of a scan of the queue
@@ -227,6 +229,7 @@ private:
     // (their next use reads again: a transient fault heals)
     void    set_fault(int status, const std::string & msg);
     void    drop_failed_slots(); // under mu_
+    void    clear_routes_locked(); // under mu_
     void    read_notice(const std::string & msg); // a read error or retry on stderr, rate-limited
     // a fault's stand-in for a remap's output: k distinct in-range slots per token
     static void safe_ids(int32_t * out, int64_t k, int64_t n_tokens);
