@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import sys
 
-import click
+try:
+    import click
 
-from edgemoe.version import __version__, describe
-from edgemoe.bench.cli import bench
-from edgemoe.convert.command import convert_command
-from edgemoe.errors import CliError
-from edgemoe.run import run
-from edgemoe.serve.cli import serve_command
-from edgemoe.info import info_command
-from edgemoe.inflate import inflate_command
-from edgemoe.synth_cli import synth_command
-from edgemoe.trace import trace, trace_stats
-from edgemoe.tune_router_cli import tune_router_command
+    from edgemoe import interrupt
+    from edgemoe.version import __version__, describe
+    from edgemoe.bench.cli import bench
+    from edgemoe.convert.command import convert_command
+    from edgemoe.errors import CliError
+    from edgemoe.run import run
+    from edgemoe.serve.cli import serve_command
+    from edgemoe.info import info_command
+    from edgemoe.inflate import inflate_command
+    from edgemoe.synth_cli import synth_command
+    from edgemoe.trace import trace, trace_stats
+    from edgemoe.tune_router_cli import tune_router_command
+except KeyboardInterrupt:
+    # Ctrl-C while the commands load (seconds on a busy machine): the same exit as during one
+    print("edgemoe: aborted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,9 +47,12 @@ def main(argv=None) -> int:
     """Console entry point; usage errors become one `edgemoe: error:` line too."""
     try:
         cli.main(args=argv, prog_name="edgemoe", standalone_mode=False)
-    except click.exceptions.Abort:
-        print("edgemoe: aborted", file=sys.stderr)
-        return 130
+    except click.exceptions.Abort as e:
+        # Ctrl-C (SIGINT: 130) or SIGTERM (143); click raises a plain Abort from a
+        # KeyboardInterrupt that reached it, with the interrupt as its cause
+        signum = getattr(e, "signum", None) or interrupt.signum_of(e.__cause__ or e)
+        print(interrupt.message(signum), file=sys.stderr)
+        return interrupt.exit_status(signum)
     except CliError as e:
         e.show()
         return e.exit_code

@@ -19,7 +19,8 @@ import numpy as np
 import gguf
 from gguf import GGUFValueType as VT
 
-from edgemoe.errors import RouterFormatError
+from edgemoe.errors import ConvertError, EdgemoeIOError, ModelFormatError, RouterFormatError
+from edgemoe.gguf_header import read_header
 from edgemoe.version import stamp_gguf
 
 PREFIX = "edgemoe.router."
@@ -82,25 +83,26 @@ class RouterHParams:
         return self.attention_scale if self.attention_scale is not None else 1.0 / float(np.sqrt(self.head_dim))
 
 
-def weight_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
-    """Every weight tensor (name without the prefix) and its numpy shape ([out, in] for matrices)."""
+def _iter_weight_shapes(hp: RouterHParams) -> Iterator[Tuple[str, Tuple[int, ...]]]:
     kv = hp.n_head_kv * hp.head_dim
-    shapes: Dict[str, Tuple[int, ...]] = {"token_embd.weight": (hp.n_vocab, hp.n_embd)}
+    yield "token_embd.weight", (hp.n_vocab, hp.n_embd)
     for i in range(hp.n_layer):
         b = f"blk.{i}."
-        shapes.update({
-            b + "attn_norm.weight": (hp.n_embd,),
-            b + "attn_q.weight": (hp.n_embd, hp.n_embd),
-            b + "attn_k.weight": (kv, hp.n_embd),
-            b + "attn_v.weight": (kv, hp.n_embd),
-            b + "attn_output.weight": (hp.n_embd, hp.n_embd),
-            b + "ffn_norm.weight": (hp.n_embd,),
-            b + "ffn_up.weight": (hp.n_ff, hp.n_embd),
-            b + "ffn_down.weight": (hp.n_embd, hp.n_ff),
-        })
-    shapes["output_norm.weight"] = (hp.n_embd,)
-    shapes["head.weight"] = (hp.n_choice, hp.n_embd)
-    return shapes
+        yield b + "attn_norm.weight", (hp.n_embd,)
+        yield b + "attn_q.weight", (hp.n_embd, hp.n_embd)
+        yield b + "attn_k.weight", (kv, hp.n_embd)
+        yield b + "attn_v.weight", (kv, hp.n_embd)
+        yield b + "attn_output.weight", (hp.n_embd, hp.n_embd)
+        yield b + "ffn_norm.weight", (hp.n_embd,)
+        yield b + "ffn_up.weight", (hp.n_ff, hp.n_embd)
+        yield b + "ffn_down.weight", (hp.n_embd, hp.n_ff)
+    yield "output_norm.weight", (hp.n_embd,)
+    yield "head.weight", (hp.n_choice, hp.n_embd)
+
+
+def weight_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
+    """Every weight tensor (name without the prefix) and its numpy shape ([out, in] for matrices)."""
+    return dict(_iter_weight_shapes(hp))
 
 
 def bias_shapes(hp: RouterHParams) -> Dict[str, Tuple[int, ...]]:
@@ -174,13 +176,15 @@ class Router:
             raise RouterFormatError(
                 f"edgemoe.router.choice_experts has shape {list(ce.shape)}, expected "
                 f"[{hp.n_choice}, {len(self.layers)}, m>0]")
-        expected = weight_shapes(hp)
-        for name, shape in expected.items():
+        # lazily: block_count comes from the file, and a count far beyond the tensors present
+        # stops at the first missing one instead of listing billions of names
+        for name, shape in _iter_weight_shapes(hp):
             if name not in self.weights:
                 raise RouterFormatError(f"router tensor {PREFIX}{name} is missing")
             if tuple(self.weights[name].shape) != shape:
                 raise RouterFormatError(
                     f"router tensor {PREFIX}{name} has shape {list(self.weights[name].shape)}, expected {list(shape)}")
+        expected = weight_shapes(hp)
         for name, shape in bias_shapes(hp).items():
             if name in self.weights and tuple(self.weights[name].shape) != shape:
                 raise RouterFormatError(
@@ -271,12 +275,16 @@ def _from_parts(keys: Dict[str, object], tensors: Dict[str, np.ndarray], where: 
         for short in ("layers", "choice_experts"):
             if PREFIX + short not in tensors:
                 raise RouterFormatError(f"{where}: router tensor {PREFIX}{short} is missing")
+            # ids: a float tensor would be cast (NaN to garbage), a wider int one wrapped
+            if tensors[PREFIX + short].dtype != np.int32:
+                raise RouterFormatError(
+                    f"{where}: router tensor {PREFIX}{short} is {tensors[PREFIX + short].dtype}, expected i32")
         router = Router(
             kind=str(need("kind")), hparams=hp,
             layers=np.asarray(tensors[PREFIX + "layers"]).astype(np.int32),
             choice_experts=np.asarray(tensors[PREFIX + "choice_experts"]).astype(np.int32),
             residual_expert=bool(need("residual_expert")), weights=weights, version=version)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise RouterFormatError(f"{where}: malformed router data: {e}") from None
     try:
         router.check()
@@ -289,7 +297,11 @@ def _from_parts(keys: Dict[str, object], tensors: Dict[str, np.ndarray], where: 
 
 def read_gguf_router(reader: "gguf.GGUFReader", where: str) -> Optional[Router]:
     """The router inside an open GGUF, or None when it carries no `edgemoe.router.*` data."""
-    keys = {name: f.contents() for name, f in reader.fields.items() if name.startswith(PREFIX)}
+    try:
+        # gguf decodes string values only here
+        keys = {name: f.contents() for name, f in reader.fields.items() if name.startswith(PREFIX)}
+    except UnicodeDecodeError as e:
+        raise RouterFormatError(f"{where}: a router key holds a string that is not UTF-8 ({e.reason} at byte {e.start})") from None
     tensors = {}
     for t in reader.tensors:
         if t.name.startswith(PREFIX):
@@ -308,14 +320,20 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32}
 def _read_safetensors_router(path: str) -> Router:
     from edgemoe.convert.safetensors import SafetensorsFile
 
-    with SafetensorsFile(path) as st:
+    try:
+        st = SafetensorsFile(path)
+    except ConvertError as e:  # the file, not the router in it
+        raise RouterFormatError(str(e)) from None
+    with st:
         meta = st.metadata
         keys = {}
         for k, v in meta.items():
             if k.startswith(PREFIX):
                 try:
                     keys[k] = json.loads(v)
-                except json.JSONDecodeError:
+                # JSONDecodeError, or an integer of more digits than Python converts, or
+                # nesting deeper than the stack
+                except (ValueError, RecursionError):
                     raise RouterFormatError(f"{path}: metadata {k} is not JSON-encoded") from None
         tensors = {}
         for name in st.names():
@@ -387,6 +405,13 @@ def load_router(path: Union[str, os.PathLike]) -> Router:
     except OSError as e:
         raise RouterFormatError(f"cannot read router file {path}: {e.strerror or e}") from None
     if head[:4] == b"GGUF":
+        # gguf's reader trusts the file's counts (an array claiming 2^60 elements past the end
+        # of the file makes it loop and allocate without end): the bounds-checked header
+        # parse goes first, and the reader then walks a structure known to fit the file
+        try:
+            read_header(path)
+        except (ModelFormatError, EdgemoeIOError) as e:
+            raise RouterFormatError(str(e)) from None
         try:
             reader = gguf.GGUFReader(path)
         except Exception as e:  # the gguf package raises assorted errors on damaged files

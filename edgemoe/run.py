@@ -19,6 +19,7 @@ from edgemoe.budget import parse_budget
 from edgemoe.cache_options import cache_options
 from edgemoe.errors import CliError, EdgemoeError
 from edgemoe.files import discard, publish, temp_beside
+from edgemoe.interrupt import held, interruptible_command
 
 # What --stats prints, in this order; --stats-json writes every scalar of EngineStats and the
 # per-layer list. The *_per_token lines split a decode step (docs/cache.md, "Where the time goes").
@@ -97,6 +98,7 @@ def _format(value) -> str:
                    "reused prompt tokens). See docs/chat.md.")
 @click.option("--system", metavar="TEXT", default=None, help="System prompt of the --interactive chat.")
 @click.pass_context
+@interruptible_command  # Ctrl-C, SIGTERM: the --stats-json temporary file removed, 130 or 143
 def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: int, threads: Optional[int],
         ctx_size: int, batch_size: int, ubatch_size: int, n_gpu_layers: int, temp: float, seed: Optional[int],
         expert_cache: str, policy: str, io: str, prefetch: str, expert_pool: str, repack: bool, lookahead: int, prefetch_top: int,
@@ -113,9 +115,11 @@ def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: i
         budget = parse_budget(expert_cache)
     except EdgemoeError as e:
         raise CliError(str(e)) from None
-    json_out = _JsonOut(stats_json) if stats_json else None
-    engine = None
+    json_out = engine = None
     try:
+        if stats_json:
+            with held():  # created and recorded at once: an interrupt cannot leave it behind
+                json_out = _JsonOut(stats_json)
         from edgemoe.default_model import default_model_path
         from edgemoe.engine import Engine
 
@@ -149,13 +153,12 @@ def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: i
             json_out.commit(dict(stats, layers=[asdict(layer) for layer in full.layers]))
     except EdgemoeError as e:
         raise CliError(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.exceptions.Abort() from None
     finally:
-        if json_out is not None:
-            json_out.discard()
-        if engine is not None:
-            engine.close()
+        with held():  # a second Ctrl-C must not cut the cleanup short
+            if json_out is not None:
+                json_out.discard()
+            if engine is not None:
+                engine.close()
 
 
 # -- run -i ----------------------------------------------------------------------------

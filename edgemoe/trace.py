@@ -20,6 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import struct
+import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence, Union
@@ -84,29 +88,163 @@ def save_trace(trace: Trace, path: str) -> None:
         raise
 
 
+_ARRAYS = ("experts", "layers", "tokens", "n_expert", "model", "format_version")
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_CHUNK = 1 << 20
+# the .npy header of an array edgemoe reads: a dict literal of a plain dtype string, the
+# storage order and the shape. Parsed here rather than by numpy, whose ast.literal_eval of a
+# hostile header raises MemoryError, RecursionError or tokenize.TokenError.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10000  # numpy's own limit on the header's length
+_NPY_FIELD = re.compile(r"""\s*(['"])(descr|fortran_order|shape)\1\s*:\s*"""
+                        r"""(?:(['"])([<>|=]?[A-Za-z][0-9]{0,9})\3|(True|False)|\(([0-9,\s]{0,400})\))\s*""")
+
+
+def _read_upto(f, n: int) -> bytes:
+    """Up to n bytes of a zip member, in chunks: memory follows the bytes the member really
+    holds, never a size its zip headers claim."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _npy_header(head: bytes, name: str):
+    """(shape, fortran_order, dtype, header length) of the .npy whose first bytes are `head`."""
+    if head[:6] != _NPY_MAGIC or len(head) < 10:
+        raise TraceFormatError(f"array {name} is not a .npy array")
+    version = (head[6], head[7])
+    if version == (1, 0):
+        start, (n,) = 10, struct.unpack_from("<H", head, 8)
+    elif version in ((2, 0), (3, 0)) and len(head) >= 12:
+        start, (n,) = 12, struct.unpack_from("<I", head, 8)
+    else:
+        raise TraceFormatError(f"array {name} has an unsupported .npy version {version[0]}.{version[1]}")
+    if n > _NPY_MAX_HEADER or start + n > len(head):
+        raise TraceFormatError(f"array {name} has a truncated or oversized .npy header")
+    text = head[start:start + n].decode("latin-1").strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        raise TraceFormatError(f"array {name} has a malformed .npy header")
+    fields, pos, body = {}, 1, text[:-1]
+    while pos < len(body) and body[pos:].strip():
+        m = _NPY_FIELD.match(body, pos)
+        # each key with its kind of value: descr a string, fortran_order a bool, shape a tuple
+        group = {"descr": 4, "fortran_order": 5, "shape": 6}[m.group(2)] if m else 0
+        if not m or m.group(2) in fields or m.group(group) is None:
+            raise TraceFormatError(f"array {name} has a malformed .npy header")
+        fields[m.group(2)] = m.group(group)
+        pos = m.end()
+        if pos < len(body) and body[pos] == ",":
+            pos += 1
+        elif body[pos:].strip():
+            raise TraceFormatError(f"array {name} has a malformed .npy header")
+    if set(fields) != {"descr", "fortran_order", "shape"}:
+        raise TraceFormatError(f"array {name} has a malformed .npy header")
+    dims = [d.strip() for d in fields["shape"].split(",")]
+    if dims and not dims[-1]:
+        dims.pop()  # (3,): the comma of a one-element tuple
+    if len(dims) > 32 or not all(d.isdigit() and len(d) <= 19 for d in dims):
+        raise TraceFormatError(f"array {name} has a malformed shape ({fields['shape']})")
+    try:
+        dtype = np.dtype(fields["descr"])
+    except (TypeError, ValueError, OverflowError):
+        raise TraceFormatError(f"array {name} has an unknown dtype {fields['descr']!r}") from None
+    return tuple(int(d) for d in dims), fields["fortran_order"] == "True", dtype, start + n
+
+
+def _read_npy(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One .npy member, checked before anything is allocated for it."""
+    if info.flag_bits & 0x1:
+        raise TraceFormatError(f"array {name} is encrypted")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise TraceFormatError(f"array {name} uses zip compression method {info.compress_type} "
+                               "(expected stored or deflated)")
+    with z.open(info) as f:
+        head = _read_upto(f, 12 + _NPY_MAX_HEADER)
+        shape, fortran, dtype, start = _npy_header(head, name)
+        if dtype.hasobject or dtype.itemsize == 0 or dtype.kind not in "iuUS":
+            raise TraceFormatError(f"array {name} holds {dtype}, expected integers or text")
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        data = head[start:start + nbytes]
+        data += _read_upto(f, nbytes - len(data))
+        if len(data) < nbytes:
+            raise TraceFormatError(f"array {name} is truncated ({len(data)} of {nbytes} bytes)")
+        if len(head) > start + nbytes or f.read(1):  # the read at the end also checks the member's CRC
+            raise TraceFormatError(f"array {name} has data past its {nbytes} bytes")
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+
+
+def _int32_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind not in "iu":
+        raise TraceFormatError(f"{name} holds {arr.dtype}, expected integers")
+    if arr.size and (int(arr.min()) < _INT32[0] or int(arr.max()) > _INT32[1]):
+        raise TraceFormatError(f"{name} holds values outside the int32 range")
+    return arr.astype(np.int32)
+
+
+def _int32_scalar(arr: np.ndarray, name: str) -> int:
+    if arr.size != 1:
+        raise TraceFormatError(f"{name} must be one number, got shape {arr.shape}")
+    return int(_int32_array(arr, name).reshape(-1)[0])
+
+
+def _text_scalar(arr: np.ndarray, name: str) -> str:
+    if arr.dtype.kind not in "US" or arr.size != 1:
+        raise TraceFormatError(f"{name} must be one string, got {arr.dtype} of shape {arr.shape}")
+    if arr.dtype.kind == "S":
+        return arr.reshape(-1)[0].decode("utf-8", errors="replace")
+    # UTF-32 code units from the file: numpy fails on values past U+10FFFF with a SystemError,
+    # and a lone surrogate cannot be printed
+    codes = np.frombuffer(arr.tobytes(), dtype=arr.dtype.str[0] + "u4")
+    if ((codes > 0x10FFFF) | ((codes >= 0xD800) & (codes <= 0xDFFF))).any():
+        raise TraceFormatError(f"{name} is not valid Unicode text")
+    return str(arr.reshape(-1)[0])
+
+
 def load_trace(path: str) -> Trace:
-    """Reads and checks a trace file; raises EdgemoeIOError or TraceFormatError."""
+    """Reads and checks a trace file; raises EdgemoeIOError or TraceFormatError.
+
+    The .npz is read member by member with each .npy header checked first, so that a
+    damaged or hostile file costs memory in proportion to what it holds, not to the sizes
+    its headers claim (np.load allocates an array as large as its header says)."""
     if not os.path.isfile(path):
         raise EdgemoeIOError(f"trace file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"experts", "layers", "tokens", "n_expert", "model", "format_version"} - set(z.files)
+        with zipfile.ZipFile(path) as z:
+            # np.savez's member names: the array's name with .npy added
+            members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in z.infolist()}
+            missing = set(_ARRAYS) - set(members)
             if missing:
                 raise TraceFormatError(f"{path}: not an edgemoe trace (missing {', '.join(sorted(missing))})")
-            version = int(z["format_version"])
+            version = _int32_scalar(_read_npy(z, members["format_version"], "format_version"), "format_version")
             if version != FORMAT_VERSION:
                 raise TraceFormatError(f"{path}: trace format_version {version}, this edgemoe reads {FORMAT_VERSION}")
-            trace = Trace(experts=z["experts"].astype(np.int32), layers=z["layers"].astype(np.int32),
-                          tokens=z["tokens"].astype(np.int32), n_expert=int(z["n_expert"]), model=str(z["model"]))
-    except TraceFormatError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError) as e:  # not a zip, truncated, object arrays
-        raise TraceFormatError(f"{path}: not a readable trace file ({e})") from None
-    try:
-        trace.validate()
+            arrays = {name: _read_npy(z, members[name], name) for name in _ARRAYS if name != "format_version"}
+            trace = Trace(experts=_int32_array(arrays["experts"], "experts"),
+                          layers=_int32_array(arrays["layers"], "layers"),
+                          tokens=_int32_array(arrays["tokens"], "tokens"),
+                          n_expert=_int32_scalar(arrays["n_expert"], "n_expert"),
+                          model=_text_scalar(arrays["model"], "model"))
+            trace.validate()
     except TraceFormatError as e:
-        raise TraceFormatError(f"{path}: {e}") from None
+        msg = str(e)
+        raise TraceFormatError(msg if msg.startswith(f"{path}: ") else f"{path}: {msg}") from None
+    # not a zip, a truncated one, a bad CRC or deflate stream, a data type numpy refuses
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise TraceFormatError(f"{path}: not a readable trace file ({_brief(e)})") from None
     return trace
+
+
+def _brief(e: Exception, limit: int = 200) -> str:
+    """An exception's text on one line, cut to `limit` characters (zipfile's and numpy's
+    messages can run over lines and quote what they read)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -- recording -------------------------------------------------------------------------
@@ -175,14 +313,35 @@ def record_trace(model_path: str, tokens: Union[str, Sequence[int]], ctx: int = 
 # -- statistics ------------------------------------------------------------------------
 
 
+_EOR_CUBE_K = 16        # up to this k, eor_per_layer compares all k x k pairs
+_EOR_BLOCK = 1 << 24    # pair comparisons per block of tokens
+
+
 def eor_per_layer(experts: np.ndarray) -> np.ndarray:
     """Expert overlap ratio |E_t ∩ E_t-1| / K averaged over t >= 1, per layer (ReMoE's EOR)."""
     n, n_layers, k = experts.shape
     if n < 2:
         return np.full(n_layers, np.nan)
     cur, prev = experts[1:], experts[:-1]
-    # ids within a token are distinct (top-k), so counting matches counts the intersection
-    overlap = (cur[:, :, :, None] == prev[:, :, None, :]).any(axis=3).sum(axis=2)
+    # ids within a token are distinct (top-k), so counting the ids of E_t found in E_t-1
+    # counts the intersection
+    if k <= _EOR_CUBE_K:
+        # compare every pair, [tokens, layers, k, k] at a time, in blocks of tokens
+        overlap = np.empty((n - 1, n_layers), dtype=np.int64)
+        step = max(1, _EOR_BLOCK // (n_layers * k * k))
+        for s in range(0, n - 1, step):
+            c, p = cur[s:s + step], prev[s:s + step]
+            overlap[s:s + step] = (c[:, :, :, None] == p[:, :, None, :]).any(axis=3).sum(axis=2)
+    else:
+        # k from a file can be anything: search each id in its sorted previous row instead,
+        # O(n k log k) time and O(n k) memory rather than k^2 per token
+        lo = int(experts.min())
+        span = int(experts.max()) - lo + 1
+        rows = np.arange((n - 1) * n_layers, dtype=np.int64).reshape(n - 1, n_layers, 1) * span
+        prev_keys = (rows + (np.sort(prev, axis=2).astype(np.int64) - lo)).ravel()  # ascending
+        cur_keys = (rows + (cur.astype(np.int64) - lo)).ravel()
+        at = np.minimum(np.searchsorted(prev_keys, cur_keys), prev_keys.size - 1)
+        overlap = (prev_keys[at] == cur_keys).reshape(n - 1, n_layers, k).sum(axis=2)
     return overlap.mean(axis=0) / k
 
 
@@ -210,8 +369,10 @@ def lru_capacity(fraction: float, n_expert: int) -> int:
 
 def usage_entropy_bits(ids: np.ndarray, n_expert: int) -> float:
     """Shannon entropy (bits) of how often each expert is chosen in one layer."""
-    counts = np.bincount(ids.reshape(-1), minlength=n_expert).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
+    # the experts in use only: n_expert comes from the file, and a bincount of that length
+    # would allocate for every expert id it allows
+    counts = np.unique(ids.reshape(-1), return_counts=True)[1].astype(np.float64)
+    p = counts / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,6 +117,12 @@ def qwen2_vocab() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def llama_spm_vocab() -> pathlib.Path:
+    """32000 tokens and no merges: the quickest vocab for gguf-py's reader to parse."""
+    return _vocab("ggml-vocab-llama-spm.gguf")
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("models")
 
@@ -147,3 +156,92 @@ def edgemoe_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# -- signals under load ------------------------------------------------------------------
+
+SIGNAL_BOUND_S = 5.0  # from Ctrl-C or SIGTERM to a cleaned-up exit, on a busy machine
+
+
+@pytest.fixture
+def cpu_hog():
+    """A busy machine for the test beside it: two busy-looping processes per CPU this process
+    may run on, at its own priority, killed at teardown."""
+    n = 2 * len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            for _ in range(n)]
+    try:
+        yield hogs
+    finally:
+        for h in hogs:
+            h.kill()
+        for h in hogs:
+            h.wait()
+
+
+def _as_a_terminal_job() -> None:
+    # A shell script's background job inherits SIGINT ignored, and Python then leaves it
+    # ignored: Ctrl-C would do nothing (the way .ci/run beside a compile lost it). A terminal's
+    # foreground job, which Ctrl-C reaches, has it at the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_edgemoe(args, env, stdout=subprocess.PIPE, **kw) -> subprocess.Popen:
+    """`python -m edgemoe ARGS` in a process group of its own, with SIGINT at its default as
+    in a terminal's foreground job; stderr is a text pipe."""
+    return subprocess.Popen([sys.executable, "-m", "edgemoe", *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_a_terminal_job, **kw)
+
+
+def interrupt(proc: subprocess.Popen, signum: int, group: bool = True, bound: float = SIGNAL_BOUND_S):
+    """Sends `signum` to the process group (Ctrl-C reaches a terminal's whole foreground job)
+    or to the process alone (`kill PID`), and waits at most `bound` seconds for it to end.
+    Returns (stderr, seconds); on a timeout the group is killed and the test fails."""
+    t0 = time.monotonic()
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
+    try:
+        proc.wait(timeout=bound)
+    except subprocess.TimeoutExpired:
+        where = _threads_of_group(proc.pid)  # where it waits, for the failure's message
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"{signal.Signals(signum).name} did not end the command within {bound:.0f} s; "
+                    f"stderr: {err}; threads (pid tid name state wchan): {where}")
+    seconds = time.monotonic() - t0
+    _, err = proc.communicate()
+    return err, seconds
+
+
+def _threads_of_group(pgid: int) -> list:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(pid)) != pgid:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                    wchan = f.read()
+                name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+                out.append(f"{pid} {tid} {name} {rest.split()[0]} {wchan}")
+        except OSError:  # gone meanwhile
+            continue
+    return out
+
+
+def assert_interrupted(proc: subprocess.Popen, err: str, signum: int) -> None:
+    """Ended by `signum` the way users should see: its last stderr line `edgemoe: aborted`
+    (SIGINT) or `edgemoe: terminated` (SIGTERM), status 128 + signum, no traceback. After
+    Ctrl-C, Python may end itself by SIGINT instead of exiting 130 (where an extension module
+    that was loading saw the KeyboardInterrupt); a shell shows 130 for both."""
+    word = "terminated" if signum == signal.SIGTERM else "aborted"
+    ok = (128 + signum, -signal.SIGINT) if signum == signal.SIGINT else (128 + signum,)
+    assert proc.returncode in ok, (proc.returncode, err)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == f"edgemoe: {word}", err

@@ -308,6 +308,7 @@ def main(argv: List[str]) -> int:
     with open(spec_path, encoding="utf-8") as f:
         spec = ChildSpec(**json.load(f))
     from edgemoe.errors import EdgemoeError
+    from edgemoe.interrupt import exit_status, signum_of
 
     runner = None
     try:
@@ -318,8 +319,8 @@ def main(argv: List[str]) -> int:
     except EdgemoeError as e:
         _write(out_path, dict(status="error", error=" ".join(str(e).split())))
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the parent kills us on its own Ctrl-C; this is for ours alone
+        return exit_status(signum_of(e))
     finally:
         if runner is not None:
             runner.close()
@@ -328,4 +329,8 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from edgemoe.interrupt import interruptible
+
+    with interruptible():  # also a Ctrl-C that comes inside llama.cpp's log callback; SIGTERM: 143
+        status = main(sys.argv[1:])
+    sys.exit(status)

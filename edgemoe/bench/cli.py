@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 from typing import List, Sequence
 
 import click
@@ -17,6 +15,7 @@ from edgemoe.bench.params import AUTO, AUTO_OVERHEAD
 from edgemoe.cpus import default_threads
 from edgemoe.errors import EdgemoeError
 from edgemoe.errors import CliError
+from edgemoe.interrupt import interruptible_command
 
 POLICY_CHOICES = ("default", "lru", "lfu", "belady", "auto")
 IO_CHOICES = ("direct", "buffered", "mmap")
@@ -137,6 +136,7 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
                    "are ready than a step takes and --schedule picks which.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random tokens.")
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
+@interruptible_command  # Ctrl-C, SIGTERM: children killed, cgroups removed, read-ahead restored
 def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size, n_gpu_layers, caches,
           policies, ios, prefetches, lookaheads, prefetch_tops, baseline, mem_limit, cold, no_warmup, preload, repack, read_ahead, prompts_file, routes_file,
           parallels, schedules, step_seqs, seed, fmt) -> None:
@@ -239,9 +239,6 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
                 for row in result.rows:
                     printer.row(row)
 
-            if threading.current_thread() is threading.main_thread():
-                # a kill (SIGTERM) cleans up as Ctrl-C does: cgroups removed, read-ahead restored
-                stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
             run_all(configs, opts, on_result, notice, progress.show)
             progress.clear()
             printer.end()
@@ -250,11 +247,7 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
         raise CliError(str(e)) from None
     except KeyboardInterrupt:
         progress.clear()
-        raise click.exceptions.Abort() from None
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+        raise
 
 
 def _tests(pp: List[int], tg: List[int], with_prompts: bool, streams: bool = False):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from edgemoe.errors import EdgemoeIOError
+from edgemoe.interrupt import held
 
 
 def read_ahead_knob(path) -> Optional[Path]:
@@ -55,15 +56,21 @@ def read_ahead(path, kb: Optional[int]) -> Iterator[Optional[int]]:
     knob = read_ahead_knob(path)
     if knob is None:
         raise EdgemoeIOError(f"cannot set read-ahead: no block device found for {path}")
+    changed = False
     try:
-        old = int(knob.read_text())
-        knob.write_text(str(kb))
-    except OSError as e:
-        raise EdgemoeIOError(f"cannot set read-ahead through {knob}: {e.strerror or e}") from None
-    try:
+        # Ctrl-C and SIGTERM wait while the value changes hands: once set, it is restored
+        with held():
+            try:
+                old = int(knob.read_text())
+                knob.write_text(str(kb))
+            except OSError as e:
+                raise EdgemoeIOError(f"cannot set read-ahead through {knob}: {e.strerror or e}") from None
+            changed = True
         yield old
     finally:
-        knob.write_text(str(old))
+        if changed:
+            with held():
+                knob.write_text(str(old))
 
 
 def drop_file_pages(path) -> None:

@@ -3,8 +3,8 @@ asked for, and turns what they report into rows.
 
 A child the kernel kills for memory leaves no result; with SIGKILL as its end and the group's
 OOM-kill counter (or, on kernels without one, its limit-hit counter) up, its rows say OOM and
-the sweep goes on. Ctrl-C reaches the children too (same process group); whatever runs is
-killed and its cgroup removed before the KeyboardInterrupt goes up.
+the sweep goes on. On Ctrl-C or SIGTERM (KeyboardInterrupt here, edgemoe.interrupt) the child
+that runs is killed at once and its cgroup removed before the interrupt goes up.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from edgemoe.bench.disk import drop_file_pages
 from edgemoe.bench.params import Config
 from edgemoe.bench.results import STATUS_ERROR, STATUS_OK, STATUS_OOM, Row, fill_measurements
 from edgemoe.cgroup import MemoryCgroup, MemoryController
+from edgemoe.interrupt import held, wait_child
 
 
 @dataclass
@@ -110,21 +111,30 @@ def _spawn(spec: ChildSpec, limit: Optional[int], controller: Optional[MemoryCon
         spec_path, out_path, err_path = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "stderr"))
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(asdict(spec), f)
-        cgroup = MemoryCgroup(controller, limit) if limit is not None and controller is not None else None
+        cgroup = None
         try:
+            if limit is not None and controller is not None:
+                with held():  # created means removed below, whenever Ctrl-C comes
+                    cgroup = MemoryCgroup(controller, limit)
             with open(err_path, "w+", encoding="utf-8", errors="replace") as err:
                 def enter() -> None:
                     # in the child, before exec: every page it touches counts against the limit
                     if cgroup is not None:
                         cgroup.add(os.getpid())
 
-                proc = subprocess.Popen([sys.executable, "-m", "edgemoe.bench.child", spec_path, out_path],
-                                        stdin=subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=enter)
+                proc = None
                 try:
-                    rc = proc.wait()
+                    # Ctrl-C and SIGTERM held until Popen returns: raised inside it, after the
+                    # fork, they would leave a child that this process has no pid to kill
+                    with held():
+                        proc = subprocess.Popen([sys.executable, "-m", "edgemoe.bench.child", spec_path, out_path],
+                                                stdin=subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=enter)
+                    rc = wait_child(proc)  # in steps: a blocking waitpid may never see Ctrl-C
                 except BaseException:
-                    proc.kill()
-                    proc.wait()
+                    if proc is not None:
+                        with held():  # Ctrl-C, SIGTERM: the child goes at once, whatever it runs
+                            proc.kill()
+                            proc.wait()
                     raise
                 err.seek(0)
                 lines = [line.rstrip() for line in err.read().splitlines() if line.strip()]
@@ -152,7 +162,8 @@ def _spawn(spec: ChildSpec, limit: Optional[int], controller: Optional[MemoryCon
                                  cgroup_peak=peak)
         finally:
             if cgroup is not None:
-                cgroup.remove()
+                with held():  # a second Ctrl-C must not leave the group behind
+                    cgroup.remove()
 
 
 def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str], None]) -> ConfigResult:

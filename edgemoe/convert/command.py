@@ -8,6 +8,7 @@ import click
 
 from edgemoe.errors import EdgemoeError
 from edgemoe.errors import CliError
+from edgemoe.interrupt import interruptible_command
 
 
 @click.command("convert")
@@ -20,6 +21,7 @@ from edgemoe.errors import CliError
 @click.option("--align", type=int, default=4096, show_default=True, metavar="BYTES",
               help="Data alignment; expert slices of whole pages then start on page boundaries.")
 @click.option("-t", "--threads", type=int, default=None, help="Quantization threads (default: all CPUs).")
+@interruptible_command  # Ctrl-C, SIGTERM: the temporary files beside OUT removed (an OUT there stays)
 def convert_command(src: str, out: str, router: Optional[str], outtype: Optional[str], align: int,
                     threads: Optional[int]) -> None:
     """Convert SRC (a GGUF file or a Hugging Face MoE checkpoint directory) to OUT.gguf.
@@ -36,8 +38,6 @@ def convert_command(src: str, out: str, router: Optional[str], outtype: Optional
                          align=align, n_threads=threads)
     except EdgemoeError as e:
         raise CliError(str(e)) from None
-    except KeyboardInterrupt:
-        raise click.exceptions.Abort() from None
     router_note = f", router: {result.router_kind}" if result.router_kind else ""
     click.echo(f"wrote {result.path}: {result.arch}, {result.n_tensors} tensors, "
                f"{result.size_bytes / 2**20:.1f} MiB, alignment {result.alignment}{router_note}", err=True)

@@ -7,6 +7,7 @@ holds one tensor at a time. BF16 has no numpy type: it is widened to f32 exactly
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Dict, Iterator, List, Tuple
@@ -23,6 +24,21 @@ _DTYPES = {
 _MAX_HEADER = 100 << 20
 
 
+def _is_size(v) -> bool:
+    """A shape dimension or a byte offset: a non-negative JSON integer."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _load_json(raw: bytes, error: str):
+    """JSON read from a file; ConvertError(error) when it is not valid JSON."""
+    try:
+        return json.loads(raw)
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an integer of more
+    # digits than Python converts; nesting deeper than the interpreter's stack: RecursionError
+    except (ValueError, RecursionError):
+        raise ConvertError(error) from None
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
@@ -33,33 +49,37 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            size = os.path.getsize(path)
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
                     raise ConvertError(f"{path}: truncated safetensors file")
                 (n,) = struct.unpack("<Q", head)
                 if n > min(_MAX_HEADER, size - 8):
                     raise ConvertError(f"{path}: not a safetensors file (header length {n})")
-                header = json.loads(f.read(n))
+                raw = f.read(n)
         except OSError as e:
             raise ConvertError(f"cannot read {path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConvertError(f"{path}: corrupt safetensors header") from None
+        header = _load_json(raw, f"{path}: corrupt safetensors header")
         if not isinstance(header, dict):
             raise ConvertError(f"{path}: corrupt safetensors header")
-        self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ConvertError(f"{path}: safetensors __metadata__ is not a map of strings")
+        self.metadata: Dict[str, str] = meta
         self._base = 8 + n
         self._table: Dict[str, Tuple[str, List[int], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ConvertError(f"{path}: corrupt entry for tensor {name}") from None
-            if dtype not in _DTYPES:
+            dtype, shape, offsets = (info.get("dtype"), info.get("shape"), info.get("data_offsets")) \
+                if isinstance(info, dict) else (None, None, None)
+            if not (isinstance(shape, list) and all(_is_size(d) for d in shape)
+                    and isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
+                raise ConvertError(f"{path}: corrupt entry for tensor {name}")
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
                 raise ConvertError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            if end - begin != count * np.dtype(_DTYPES[dtype]).itemsize or self._base + end > size:
+            begin, end = offsets
+            count = math.prod(shape)
+            if begin > end or end - begin != count * np.dtype(_DTYPES[dtype]).itemsize or self._base + end > size:
                 raise ConvertError(f"{path}: tensor {name} lies outside the file (truncated?)")
             self._table[name] = (dtype, shape, begin, end)
         self._map = None
@@ -99,11 +119,19 @@ class Checkpoint:
         index = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index):
             try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                with open(index, "rb") as f:
+                    raw = f.read()
+            except OSError:
                 raise ConvertError(f"{index}: unreadable safetensors index") from None
+            doc = _load_json(raw, f"{index}: unreadable safetensors index")
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConvertError(f"{index}: unreadable safetensors index")
             shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                # a file beside the index: not a path that leads elsewhere (../x, /dev/stdin)
+                if shard in ("", ".", "..") or "/" in shard or os.sep in shard or (os.altsep and os.altsep in shard):
+                    raise ConvertError(f"{index}: shard {shard!r} is not a file name in {directory}")
         else:
             shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
             weight_map = None
