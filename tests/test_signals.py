@@ -130,8 +130,17 @@ def _signal_main(signum=signal.SIGINT) -> None:
     signal.pthread_kill(threading.main_thread().ident, signum)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test, also where this test run inherited SIGINT
+    ignored (a background job of a shell script)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @needs_cache
-def test_ctrl_c_inside_a_ctypes_callback_is_not_lost(monkeypatch):
+def test_ctrl_c_inside_a_ctypes_callback_is_not_lost(monkeypatch, python_sigint):
     """llama.cpp calls edgemoe.log._on_log through ctypes while a model loads; ctypes prints an
     exception raised there ("Exception ignored") and drops it. A Ctrl-C that Python acted on
     inside it was lost and `run` went on; interruptible() sends it again once the callback
@@ -189,7 +198,7 @@ def test_an_ignored_sigint_stays_ignored():
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["interruptible", "python_default"])
-def test_held_signals_act_when_the_block_ends(inside):
+def test_held_signals_act_when_the_block_ends(inside, python_sigint):
     """Where a Popen or a cleanup runs: a Ctrl-C waits for the block's end, then acts as it
     would have; with Python's own handler too (held() puts it back first)."""
     import contextlib
@@ -211,7 +220,7 @@ def test_held_signals_act_when_the_block_ends(inside):
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_held_also_when_another_thread_takes_the_signal():
+def test_held_also_when_another_thread_takes_the_signal(python_sigint):
     """A process-directed signal goes to any thread that does not block it (run has the
     cache's reading threads): held() still defers it, a mask on the main thread would not."""
     from edgemoe.interrupt import held, interruptible
@@ -233,7 +242,7 @@ def test_held_also_when_another_thread_takes_the_signal():
     assert reached == ["end"]
 
 
-def test_wait_child_sees_a_signal_that_another_thread_took():
+def test_wait_child_sees_a_signal_that_another_thread_took(python_sigint):
     """The kernel may give a process-directed signal to any thread (numpy's, llama.cpp's); a
     main thread asleep in a blocking waitpid would not wake for it until the child ends."""
     import subprocess
