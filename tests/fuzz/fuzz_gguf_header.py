@@ -14,7 +14,7 @@ from __future__ import annotations
 import fuzzsupport
 
 TARGET = "gguf_header"
-INSTRUMENT = ("edgemoe.gguf_header",)
+INSTRUMENT = ("edgemoe",)
 
 _gguf_header = None
 _scratch = None

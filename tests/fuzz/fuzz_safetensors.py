@@ -16,7 +16,7 @@ from __future__ import annotations
 import fuzzsupport
 
 TARGET = "safetensors"
-INSTRUMENT = ("edgemoe.convert.safetensors",)
+INSTRUMENT = ("edgemoe",)
 INDEX = "model.safetensors.index.json"
 SHARD = "model-00001-of-00001.safetensors"
 

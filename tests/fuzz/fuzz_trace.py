@@ -18,7 +18,7 @@ import io
 import fuzzsupport
 
 TARGET = "trace"
-INSTRUMENT = ("edgemoe.trace", "zipfile", "numpy.lib._format_impl")
+INSTRUMENT = ("edgemoe", "zipfile")
 MEMBER_SEP = b"\n--member--\n"
 
 _trace = None

@@ -154,7 +154,8 @@ def with_default_flags(argv: Sequence[str]) -> list:
 def fuzz_main(test_one_input: Callable[[bytes], None], load: Callable[[], None],
               instrument: Iterable[str]) -> None:
     """Runs a harness under atheris: imports its targets with coverage instrumentation of the
-    modules named in `instrument` (and their submodules), caps memory, then fuzzes."""
+    packages named in `instrument` (atheris instruments whole top-level packages: "edgemoe",
+    not "edgemoe.trace"), caps memory, then fuzzes."""
     import atheris
 
     with atheris.instrument_imports(include=list(instrument)):

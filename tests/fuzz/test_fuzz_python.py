@@ -2,7 +2,7 @@
 harness, the seed corpus, and the inputs that once crashed a parser, as plain regressions.
 
 The fuzz runs need atheris (skipped without it); EDGEMOE_FUZZ_SECONDS sets how long each
-target runs (default 10).
+target runs (default 8).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgemoe.router_format import load_router
 from edgemoe.trace import Trace, TraceFormatError, eor_per_layer, load_trace, routing_stats
 
 HARNESSES = {m.TARGET: m for m in (fuzz_gguf_header, fuzz_router_format, fuzz_safetensors, fuzz_trace)}
-FUZZ_SECONDS = int(os.environ.get("EDGEMOE_FUZZ_SECONDS", "10"))
+FUZZ_SECONDS = int(os.environ.get("EDGEMOE_FUZZ_SECONDS", "8"))
 
 
 # -- the fuzzers, briefly ----------------------------------------------------------------------
@@ -323,6 +323,18 @@ def test_trace_zip_that_is_corrupt(tmp_path):
     # np.load saw the zip magic and zipfile's BadZipFile escaped
     with pytest.raises(TraceFormatError, match="not a readable trace file"):
         load_trace(_write(tmp_path, b"PK\x03\x04" + b"\0" * 40))
+
+
+@pytest.mark.parametrize("field, value", [(6, b"\x63\x00"),   # needs zip version 9.9: on opening the zip
+                                          (8, b"\x20\x00")])  # flag bit 5, patched data: on opening a member
+def test_trace_zip_features_python_does_not_read(tmp_path, field, value):
+    # zipfile's NotImplementedError escaped (found by fuzz_trace); the field is patched in the
+    # central directory entry of the first member
+    data = bytearray(_npz(_trace_members()))
+    at = data.index(b"PK\x01\x02") + field
+    data[at:at + 2] = value
+    with pytest.raises(TraceFormatError, match="not a readable trace file"):
+        load_trace(_write(tmp_path, bytes(data)))
 
 
 def test_trace_array_header_claiming_more_than_the_file_holds(tmp_path):
