@@ -5,7 +5,7 @@ The input is the whole file. Each input is read both ways a caller reads headers
 stepped over, no data check). Bad input may only raise ModelFormatError (EdgemoeIOError is
 for files that cannot be opened, which the scratch file always can).
 
-    python tests/fuzz/fuzz_gguf_header.py -runs=1000000 /tmp/fuzz-gguf_header tests/fuzz/corpus/gguf_header
+    python tests/fuzz/fuzz_gguf_header.py -runs=1000000 build/fuzz-py/gguf_header tests/fuzz/corpus/gguf_header
 """
 
 from __future__ import annotations

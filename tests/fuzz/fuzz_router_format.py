@@ -6,7 +6,7 @@ The first input byte picks how the rest becomes the file:
         length prefix, so that edits of the JSON keep a well-framed file.
 Bad input may only raise RouterFormatError.
 
-    python tests/fuzz/fuzz_router_format.py -runs=1000000 /tmp/fuzz-router_format tests/fuzz/corpus/router_format
+    python tests/fuzz/fuzz_router_format.py -runs=1000000 build/fuzz-py/router_format tests/fuzz/corpus/router_format
 """
 
 from __future__ import annotations

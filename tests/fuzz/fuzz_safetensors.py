@@ -8,7 +8,7 @@ The first input byte picks how the rest is used:
      model.safetensors.index.json and that shard as model-00001-of-00001.safetensors.
 Every tensor that opens is read (BF16 widened). Bad input may only raise ConvertError.
 
-    python tests/fuzz/fuzz_safetensors.py -runs=1000000 /tmp/fuzz-safetensors tests/fuzz/corpus/safetensors
+    python tests/fuzz/fuzz_safetensors.py -runs=1000000 build/fuzz-py/safetensors tests/fuzz/corpus/safetensors
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The first input byte picks how the rest becomes the file:
         arrays get past the zip checksums.
 Bad input may only raise TraceFormatError (EdgemoeIOError is for a missing file).
 
-    python tests/fuzz/fuzz_trace.py -runs=1000000 /tmp/fuzz-trace tests/fuzz/corpus/trace
+    python tests/fuzz/fuzz_trace.py -runs=1000000 build/fuzz-py/trace tests/fuzz/corpus/trace
 """
 
 from __future__ import annotations
