@@ -170,8 +170,8 @@ EDGEMOE_API int edgemoe_cache_info_get(const edgemoe_cache * cache, edgemoe_cach
 // queue the routes again before decoding that batch again.
 EDGEMOE_API int edgemoe_cache_take_fault(edgemoe_cache * cache);
 // EDGEMOE_ERR_IO when the model file at the cache's path is no longer the one it opened
-// (replaced, removed, resized or modified): check before a decode, as the cache does before
-// each expert read.
+// (replaced, removed, resized or modified): check before a decode, as the cache does at the
+// start of each burst of expert reads.
 EDGEMOE_API int edgemoe_cache_check_file(const edgemoe_cache * cache);
 
 // Test hook: a plan of injected read faults (see native/src/fault_injection.h; the variable

@@ -1205,6 +1205,7 @@ void expert_cache::io_worker(int index) {
             bounce_size = std::max<size_t>(bounce_size, backing_store::bounce_size_for(p.slice[r]));
         }
     }
+    bool check_file_next = true;
     void * bounce = nullptr;
     if (store_.kind() == io_kind::direct && posix_memalign(&bounce, DIRECT_ALIGN, bounce_size) != 0) {
         bounce = nullptr;
@@ -1213,7 +1214,12 @@ void expert_cache::io_worker(int index) {
         io_job job;
         {
             std::unique_lock<std::mutex> lock(mu_);
-            cv_jobs_.wait(lock, [&] { return stop_ || jobs_count_ > 0 || !prefetch_jobs_.empty(); });
+            // a thread that finds no work ends its burst: its next load checks the file again
+            const auto has_work = [&] { return stop_ || jobs_count_ > 0 || !prefetch_jobs_.empty(); };
+            if (!has_work()) {
+                check_file_next = true;
+                cv_jobs_.wait(lock, has_work);
+            }
             if (stop_) {
                 break;
             }
@@ -1232,12 +1238,13 @@ void expert_cache::io_worker(int index) {
             }
             sl.io_started = true;
         }
-        load(job, bounce, bounce ? bounce_size : 0, up);
+        load(job, bounce, bounce ? bounce_size : 0, up, check_file_next);
+        check_file_next = false;
     }
     free(bounce);
 }
 
-void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, uploader * up) {
+void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, uploader * up, bool check_file) {
     const moe_block & mb = layout_.blocks[job.block];
     pool & p = pools_[job.pool];
     const auto t0 = std::chrono::steady_clock::now();
@@ -1249,8 +1256,9 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
     }
     size_t staged = 0; // staged roles lie one after another in the staging buffer
     double convert_ms = 0.0;
-    // the bytes must be the file llama.cpp loaded: a replaced or rewritten model is an error
-    ok = store_.check_identity(&err);
+    // the bytes must be the file llama.cpp loaded: a replaced or rewritten model is an error.
+    // Checked at the start of each burst of reads (two syscalls), not before every expert
+    ok = !check_file || store_.check_identity(&err);
     for (int r = 0; r < ROLE_COUNT && ok; ++r) {
         const role_tensor & rt = mb.roles[r];
         if (!rt.present) {

@@ -214,7 +214,7 @@ private:
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
     int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
     void    io_worker(int index);
-    void    load(const io_job & job, void * bounce, size_t bounce_size, uploader * up);
+    void    load(const io_job & job, void * bounce, size_t bounce_size, uploader * up, bool check_file);
     int64_t next_use(expert_key key) const;                        // under mu_
     int     check_routes(const int32_t * ids, int64_t n, int32_t k, std::string * err) const;
     void    queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens, int64_t stride, int32_t k); // under mu_
