@@ -1234,6 +1234,7 @@ void expert_cache::io_worker(int index) {
             }
             slot & sl = pools_[job.pool].slots[job.slot];
             if (sl.gen != job.gen || sl.state != SLOT_LOADING || sl.io_started) {
+                cv_done_.notify_all(); // a queue emptied: take_fault may be waiting for that
                 continue; // cancelled, or promoted to a demand load that another thread reads
             }
             sl.io_started = true;
@@ -1374,9 +1375,26 @@ void expert_cache::safe_ids(int32_t * out, int64_t k, int64_t n_tokens) {
 }
 
 int expert_cache::take_fault(std::string * msg) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     const int status = fault_status_.load(std::memory_order_relaxed);
     if (status != 0) {
+        // the stopped graph's demand loads may still be queued or reading: let them end now, so
+        // none fails later under the old fault and is blamed on the next decode (a remap that
+        // failed may have queued loads without waking a thread)
+        cv_jobs_.notify_all();
+        cv_done_.wait(lock, [&] {
+            if (jobs_count_ > 0) {
+                return false;
+            }
+            for (const auto & p : pools_) {
+                for (const auto & sl : p.slots) {
+                    if (sl.io_started) {
+                        return false;
+                    }
+                }
+            }
+            return true;
+        });
         *msg = fault_msg_;
         fault_msg_.clear();
         fault_status_.store(0, std::memory_order_relaxed);
