@@ -11,7 +11,9 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
   edgemoe ...   a --budget cache: VRAM pool ("vram"), pinned host memory the GPU reads in place
                 ("mapped", the Jetson's zero-copy pool; over PCIe here), or the host pool (expert
                 matmuls on the CPU, the pre-issue-13 behaviour); warm reads from the page cache
-                (--io buffered, the file read once before), cold ones with O_DIRECT.
+                (--io buffered, the file read once before), cold ones with O_DIRECT. Two rows
+                vary the warm VRAM row: each expert read whole by one I/O thread (the loads
+                before pieces), and twice the I/O threads.
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,21 +43,27 @@ from edgemoe.bench.disk import drop_file_pages, warm_file  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+WHOLE = {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)}  # pieces of 1 GiB: every expert one read, on one thread
+
+
 def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
-    """(label, Engine keyword arguments, cold) for every configuration, in table order."""
+    """(label, Engine keyword arguments, cold, environment) for every configuration, in table
+    order."""
     pct = f"{round(budget * 100)}%"
     keep = round(budget * n_moe_layer)  # layers whose experts stay in VRAM at equal VRAM
     cache = dict(expert_cache=pct, prefetch="auto", n_io_threads=io_threads)
+    vram = dict(cache, expert_pool="vram", io="buffered")
     return [
-        ("gpu-all", dict(), False),
-        (f"n-cpu-moe {n_moe_layer - keep}", dict(n_cpu_moe=n_moe_layer - keep), False),
-        ("cpu-experts", dict(n_cpu_moe=n_moe_layer), False),
-        (f"edgemoe vram {pct} warm", dict(cache, expert_pool="vram", io="buffered"), False),
-        (f"edgemoe vram {pct} warm, prefetch off", dict(cache, expert_pool="vram", io="buffered", prefetch="off"),
-         False),
-        (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True),
-        (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False),
-        (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False),
+        ("gpu-all", dict(), False, {}),
+        (f"n-cpu-moe {n_moe_layer - keep}", dict(n_cpu_moe=n_moe_layer - keep), False, {}),
+        ("cpu-experts", dict(n_cpu_moe=n_moe_layer), False, {}),
+        (f"edgemoe vram {pct} warm", vram, False, {}),
+        (f"edgemoe vram {pct} warm, prefetch off", dict(vram, prefetch="off"), False, {}),
+        (f"edgemoe vram {pct} warm, whole-expert reads", vram, False, WHOLE),
+        (f"edgemoe vram {pct} warm, {2 * io_threads} I/O threads", dict(vram, n_io_threads=2 * io_threads), False, {}),
+        (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True, {}),
+        (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False, {}),
+        (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False, {}),
     ]
 
 
@@ -98,20 +107,20 @@ def run(args) -> list:
     print(json.dumps(head), file=sys.stderr, flush=True)
     if out:
         out.write(json.dumps(dict(head=head)) + "\n")
-    for label, kw, cold in configs(info.n_moe_layer, args.budget, args.io_threads):
+    for label, kw, cold, env in configs(info.n_moe_layer, args.budget, args.io_threads):
         if cold:
             drop_file_pages(model)
         else:
             warm_file(model)
         spec = dict(model=str(model), kw=kw, prompts=prompts, n_gen=args.n_gen)
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                              text=True)
+                              text=True, env={**os.environ, **env})
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             why = [x for x in lines if "GGML_ASSERT" in x or "rror" in x or "CUDA" in x][:3] or lines[-1:]
-            row = dict(label=label, kw=kw, error=why)
+            row = dict(label=label, kw=kw, env=env, error=why)
         else:
-            row = dict(label=label, kw=kw, **json.loads(proc.stdout.strip().splitlines()[-1]))
+            row = dict(label=label, kw=kw, env=env, **json.loads(proc.stdout.strip().splitlines()[-1]))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "texts"}), file=sys.stderr, flush=True)
         if out:

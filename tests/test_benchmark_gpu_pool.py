@@ -16,7 +16,7 @@ import gpu_pool as gp  # noqa: E402
 
 @pytest.mark.parametrize("n_layer, budget, n_cpu", [(8, 0.25, 6), (8, 0.5, 4), (27, 0.25, 20), (48, 0.25, 36)])
 def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_cpu):
-    rows = {label: kw for label, kw, _ in gp.configs(n_layer, budget, 8)}
+    rows = {label: kw for label, kw, _, _ in gp.configs(n_layer, budget, 8)}
     assert rows[f"n-cpu-moe {n_cpu}"] == {"n_cpu_moe": n_cpu}
     assert rows["cpu-experts"] == {"n_cpu_moe": n_layer}
     assert rows["gpu-all"] == {}
@@ -26,9 +26,15 @@ def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_c
 
 
 def test_only_the_cold_row_reads_with_o_direct():
-    cold = [(label, kw) for label, kw, is_cold in gp.configs(8, 0.25, 8) if is_cold]
+    cold = [(label, kw) for label, kw, is_cold, _ in gp.configs(8, 0.25, 8) if is_cold]
     assert [label for label, _ in cold] == ["edgemoe vram 25% cold"]
     assert cold[0][1]["io"] == "direct"
+
+
+def test_only_the_whole_expert_row_reads_each_expert_in_one_piece():
+    env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8)}
+    assert env["edgemoe vram 25% warm, whole-expert reads"] == {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)}
+    assert all(not e for label, e in env.items() if "whole" not in label)
 
 
 def test_report_gives_ratios_to_n_cpu_moe_and_same_text():

@@ -105,8 +105,13 @@ def test_faults_that_heal_change_no_logit(faults, io, plan, prefetch):
 
 @pytest.mark.parametrize("io", IOS)
 @pytest.mark.parametrize("plan, needle", [("eio@0+inf", "Input/output error"), ("eof@0+inf", "unexpected end")])
-def test_a_lasting_fault_fails_the_decode_and_the_engine_recovers(faults, io, plan, needle):
+@pytest.mark.parametrize("piece_kib", [None, 4])
+def test_a_lasting_fault_fails_the_decode_and_the_engine_recovers(faults, monkeypatch, io, plan, needle, piece_kib):
+    """piece_kib 4: every load is many pieces on several threads, and a fault ends some of them"""
     from edgemoe.errors import EdgemoeIOError
+
+    if piece_kib:
+        monkeypatch.setenv("EDGEMOE_READ_PIECE_KIB", str(piece_kib))  # read when the cache is created
 
     if io == "mmap" and plan.startswith("eof"):
         needle = "unexpected end"

@@ -1,4 +1,5 @@
-"""Lookahead prefetch: logits stay exact, the predictor's counts, options, and the no-spin wait."""
+"""Lookahead prefetch: logits stay exact, the predictor's counts, options, and the no-spin wait;
+and misses read in pieces by several I/O threads at once."""
 
 from __future__ import annotations
 
@@ -66,6 +67,25 @@ def test_logits_identical_with_lookahead(budget, lookahead, top):
         s = e.cache.stats()
     assert np.array_equal(got, ref)
     assert s.hits + s.misses == len(tokens) * 8 * 8
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered", "mmap"])
+@pytest.mark.parametrize("prefetch", ["off", "lookahead"])
+def test_misses_read_in_pieces_are_exact_and_whole(monkeypatch, io, prefetch):
+    """With 4 KiB pieces each expert's load is dozens of reads that 4 I/O threads share: the
+    logits stay exact, and without prefetch every miss reads exactly one expert's bytes."""
+    from edgemoe.cache import inspect_model
+
+    monkeypatch.setenv("EDGEMOE_READ_PIECE_KIB", "4")  # read by the cache when it is created
+    tokens, ref = _reference(TRAINED)
+    info = inspect_model(TRAINED)
+    with _engine(TRAINED, expert_cache="25%", io=io, prefetch=prefetch, n_io_threads=4) as e:
+        got = _teacher_forced(e, tokens)
+        s = e.cache.stats()
+    assert np.array_equal(got, ref)
+    assert info.slot_bytes_max // 4096 >= 8  # the pieces are many
+    if prefetch == "off":
+        assert s.bytes_read == s.misses * info.expert_bytes // (8 * 64)
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "olmoe", "qwen3moe-q8_0"])

@@ -48,6 +48,9 @@ std::string human_bytes(uint64_t n) {
     return buf;
 }
 
+// a miss is read in pieces of at most this much, by several I/O threads at once: one thread
+// copying a 16 MB expert from the page cache and uploading it took 3.5 ms on an H200 host
+constexpr uint64_t PIECE_BYTES = 2u << 20;
 constexpr int MAX_READ_RETRIES = 3; // a transient read error (EIO...) is tried this many times more
 
 } // namespace
@@ -91,10 +94,38 @@ size_t staging_step(uint64_t slice_bytes) {
 
 size_t expert_cache::staging_bytes(const pool & p) {
     size_t n = 0;
-    for (int r = 0; r < ROLE_COUNT; ++r) {
-        n += p.slice[r] ? staging_step(p.slice[r]) : 0;
+    for (const piece & pc : p.pieces) {
+        const segment & last = p.segments[pc.first + pc.count - 1];
+        n = std::max(n, (size_t) last.staged + staging_step(last.bytes));
     }
     return n;
+}
+
+void expert_cache::split_pieces(pool & p) const {
+    // each role's slice in chunks of at most piece_bytes_ (a repacked role whole: its buffer
+    // repacks a whole slot on set), chunks packed into pieces of at most piece_bytes_
+    p.pieces.clear();
+    p.segments.clear();
+    uint64_t piece_size = 0;
+    for (int r = 0; r < ROLE_COUNT; ++r) {
+        if (!p.tensors[r]) {
+            continue;
+        }
+        const bool whole = !p.base[r] && memory_.kind() == pool_kind::host;
+        const uint64_t step = whole ? p.slice[r] : piece_bytes_;
+        for (uint64_t off = 0; off < p.slice[r]; off += step) {
+            const uint64_t bytes = std::min(step, p.slice[r] - off);
+            if (p.pieces.empty() || piece_size + bytes > piece_bytes_) {
+                p.pieces.push_back(piece{ (int32_t) p.segments.size(), 0 });
+                piece_size = 0;
+            }
+            piece & pc = p.pieces.back();
+            const uint64_t staged = pc.count == 0 ? 0 : p.segments.back().staged + staging_step(p.segments.back().bytes);
+            p.segments.push_back(segment{ r, off, bytes, staged });
+            pc.count++;
+            piece_size += bytes;
+        }
+    }
 }
 
 expert_cache::~expert_cache() {
@@ -267,8 +298,21 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     }
     stats_.assign(layer_block_.size(), layer_stats());
 
-    jobs_.resize((size_t) n_slots_total());
-    prefetch_jobs_.reserve((size_t) n_slots_total());
+    // EDGEMOE_READ_PIECE_KIB: another piece size, for tests and measurements (docs/cache.md)
+    piece_bytes_ = PIECE_BYTES;
+    if (const char * v = getenv("EDGEMOE_READ_PIECE_KIB")) {
+        const long long kib = atoll(v);
+        if (kib > 0) {
+            piece_bytes_ = std::max<uint64_t>(DIRECT_ALIGN, (uint64_t) kib*1024/DIRECT_ALIGN*DIRECT_ALIGN);
+        }
+    }
+    size_t n_pieces = 0, max_pieces = 1;
+    for (auto & p : pools_) {
+        split_pieces(p);
+        n_pieces += (size_t) p.n_slots*p.pieces.size();
+        max_pieces = std::max(max_pieces, p.pieces.size());
+    }
+    jobs_.resize(n_pieces);
 
     if (opts.prefetch == prefetch_kind::lookahead) {
         predictor_.reset(new lookahead_predictor());
@@ -279,7 +323,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
             return false;
         }
         // enough queued for every block it looks ahead to, not a backlog that outlives its use
-        max_predicted_queued_ = (size_t) std::max(8, 2*k*std::max(1, opts.lookahead));
+        max_predicted_queued_ = (size_t) std::max(8, 2*k*std::max(1, opts.lookahead))*max_pieces;
         for (auto & bl : blocks_) {
             bl.predicted.reserve((size_t) layout_.n_expert);
         }
@@ -305,7 +349,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         }
     }
     if (staged) {
-        // each I/O thread reads a whole expert into its staging, then uploads or repacks it
+        // each I/O thread reads a piece into its staging, then uploads or repacks it
         size_t staging = 0;
         for (const auto & p : pools_) {
             staging = std::max<size_t>(staging, staging_bytes(p));
@@ -380,7 +424,7 @@ void expert_cache::queue_full_pools() {
             sl.state = SLOT_LOADING;
             bl.slot_of[e] = s;
             p.pol->on_fill(s, sl.key, step_);
-            prefetch_jobs_.push_back(io_job{ bl.pool, s, b, e, sl.gen });
+            queue_load(bl.pool, s, false);
         }
     }
     cv_jobs_.notify_all();
@@ -695,7 +739,50 @@ void expert_cache::queue_prefetch(pool & p, int32_t s, int32_t b, int32_t e, uin
     bl.slot_of[e] = s;
     p.pol->on_fill(s, sl.key, now);
     stats_[bl.layer].prefetch_issued++;
-    prefetch_jobs_.push_back(io_job{ bl.pool, s, b, e, sl.gen });
+    queue_load(bl.pool, s, false);
+}
+
+int32_t expert_cache::queue_load(int32_t pool_index, int32_t s, bool urgent) {
+    pool & p = pools_[pool_index];
+    slot & sl = p.slots[s];
+    const int32_t n = (int32_t) p.pieces.size();
+    sl.pieces_left = n;
+    sl.piece_failed = false;
+    sl.io_started = false;
+    io_job j{ pool_index, s, key_block(sl.key), key_expert(sl.key), sl.gen, 0 };
+    if (urgent) {
+        for (int32_t i = n - 1; i >= 0; --i) { // each goes to the front: the first piece ends first
+            j.piece = i;
+            push_job(j, true);
+        }
+    } else {
+        for (int32_t i = 0; i < n; ++i) {
+            j.piece = i;
+            prefetch_jobs_.push_back(j);
+        }
+    }
+    return n;
+}
+
+int32_t expert_cache::promote_prefetch(int32_t pool_index, int32_t s) {
+    int32_t n = 0;
+    io_job j{};
+    for (size_t i = 0; i < prefetch_jobs_.size();) {
+        if (prefetch_jobs_[i].pool == pool_index && prefetch_jobs_[i].slot == s) {
+            j = prefetch_jobs_[i];
+            prefetch_jobs_.erase(prefetch_jobs_.begin() + (std::ptrdiff_t) i);
+            n++;
+        } else {
+            ++i;
+        }
+    }
+    // queued pieces are the last ones, in order: pushed to the front from the last back
+    const int32_t first = j.piece - n + 1;
+    for (int32_t i = j.piece; n > 0 && i >= first; --i) {
+        j.piece = i;
+        push_job(j, true);
+    }
+    return n;
 }
 
 void expert_cache::empty_slot(pool & p, int32_t s) {
@@ -705,13 +792,16 @@ void expert_cache::empty_slot(pool & p, int32_t s) {
 }
 
 bool expert_cache::unqueue_prefetch(int32_t pool_index, int32_t s) {
-    for (size_t i = 0; i < prefetch_jobs_.size(); ++i) {
+    bool found = false;
+    for (size_t i = 0; i < prefetch_jobs_.size();) {
         if (prefetch_jobs_[i].pool == pool_index && prefetch_jobs_[i].slot == s) {
             prefetch_jobs_.erase(prefetch_jobs_.begin() + (std::ptrdiff_t) i);
-            return true;
+            found = true;
+        } else {
+            ++i;
         }
     }
-    return false;
+    return found;
 }
 
 int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
@@ -881,11 +971,8 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         if (sl.state == SLOT_LOADING) {
             st.misses += 1; // still in flight: this use waits for it
             st.hits   += uses - 1;
-            if (!sl.io_started && unqueue_prefetch(bl.pool, s)) {
-                // a prefetch not begun yet: it is a demand load now, ahead of every prefetch
-                push_job(io_job{ bl.pool, s, w.block, key_expert(sl.key), sl.gen }, true);
-                n_queued++;
-            }
+            // a prefetch's pieces not begun yet: demand reads now, ahead of every prefetch
+            n_queued += promote_prefetch(bl.pool, s);
         } else {
             st.hits += uses;
         }
@@ -903,8 +990,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         if (s >= 0 && p.slots[s].failed) {
             // an earlier decode's load failed here and nobody took the slot back: read again
             p.slots[s].failed = false;
-            push_job(io_job{ bl.pool, s, w.block, e, p.slots[s].gen }, true);
-            n_queued++;
+            n_queued += queue_load(bl.pool, s, true);
         }
         if (s >= 0) {
             use_resident(s, uses);
@@ -946,8 +1032,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         p.pol->on_use(s, sl.key, now, (uint32_t) uses);
         st.misses += 1;
         st.hits   += uses - 1;
-        push_job(io_job{ bl.pool, s, w.block, e, sl.gen }, true);
-        n_queued++;
+        n_queued += queue_load(bl.pool, s, true);
     }
 
     // known routes: the next experts in order of first use load behind this step's reads
@@ -1230,14 +1315,15 @@ void expert_cache::io_worker(int index) {
                 jobs_count_--;
             } else {
                 job = prefetch_jobs_.front();
-                prefetch_jobs_.erase(prefetch_jobs_.begin());
+                prefetch_jobs_.pop_front();
             }
             slot & sl = pools_[job.pool].slots[job.slot];
-            if (sl.gen != job.gen || sl.state != SLOT_LOADING || sl.io_started) {
+            if (sl.gen != job.gen || sl.state != SLOT_LOADING || sl.pieces_left <= 0) {
                 cv_done_.notify_all(); // a queue emptied: take_fault may be waiting for that
-                continue; // cancelled, or promoted to a demand load that another thread reads
+                continue; // a cancelled load's piece
             }
             sl.io_started = true;
+            sl.reading++;
         }
         load(job, bounce, bounce ? bounce_size : 0, up, check_file_next);
         check_file_next = false;
@@ -1248,30 +1334,28 @@ void expert_cache::io_worker(int index) {
 void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, uploader * up, bool check_file) {
     const moe_block & mb = layout_.blocks[job.block];
     pool & p = pools_[job.pool];
+    const piece & pc = p.pieces[job.piece];
     const auto t0 = std::chrono::steady_clock::now();
     uint64_t bytes = 0;
     std::string err;
-    bool ok = true;
-    if (read_delay_us_ > 0) {
+    if (read_delay_us_ > 0 && job.piece == 0) { // per expert: its pieces are read side by side
         std::this_thread::sleep_for(std::chrono::microseconds(read_delay_us_));
     }
-    size_t staged = 0; // staged roles lie one after another in the staging buffer
     double convert_ms = 0.0;
     // the bytes must be the file llama.cpp loaded: a replaced or rewritten model is an error.
-    // Checked at the start of each burst of reads (two syscalls), not before every expert
-    ok = !check_file || store_.check_identity(&err);
-    for (int r = 0; r < ROLE_COUNT && ok; ++r) {
+    // Checked at the start of each burst of reads (two syscalls), not before every piece
+    bool ok = !check_file || store_.check_identity(&err);
+    for (int32_t i = pc.first; i < pc.first + pc.count && ok; ++i) {
+        const segment & sg = p.segments[i];
+        const int r = sg.role;
         const role_tensor & rt = mb.roles[r];
-        if (!rt.present) {
-            continue;
-        }
         const bool direct = p.base[r] != nullptr; // the CPU writes this role's slots in place
-        uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] : up->staging() + staged;
-        const uint64_t offset = rt.file_offset + (uint64_t) job.expert*rt.slice_bytes;
+        uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] + sg.offset : up->staging() + sg.staged;
+        const uint64_t offset = rt.file_offset + (uint64_t) job.expert*rt.slice_bytes + sg.offset;
         std::string first_err;
         for (int attempt = 0;; ++attempt) {
             bool transient = false;
-            ok = store_.read(dst, offset, rt.slice_bytes, bounce, bounce_size, &err, &transient);
+            ok = store_.read(dst, offset, sg.bytes, bounce, bounce_size, &err, &transient);
             if (ok && attempt > 0) {
                 // healed: say so, once a read succeeds (a lasting fault's error says the rest)
                 read_notice(first_err + "; read again after " + std::to_string(attempt) +
@@ -1290,18 +1374,17 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
             std::this_thread::sleep_for(std::chrono::milliseconds(2 << (2*attempt))); // 2, 8, 32 ms
         }
         if (ok && !direct) {
-            // VRAM: queued on this thread's own stream, overlapping the next role's read and the
-            // compute; a repacked host pool: converted here
+            // VRAM: queued on this thread's own stream, overlapping the next segment's read and
+            // the compute; a repacked role: converted here
             const auto tc = std::chrono::steady_clock::now();
-            up->upload(p.tensors[r], job.slot, staged);
+            up->upload(p.tensors[r], job.slot, sg.offset, sg.bytes, sg.staged);
             convert_ms += ms_since(tc);
         }
-        staged += staging_step(rt.slice_bytes);
-        bytes += rt.slice_bytes;
+        bytes += sg.bytes;
     }
     if (up) {
         const auto tc = std::chrono::steady_clock::now();
-        up->wait(); // the slot is ready only when its bytes are on the device
+        up->wait(); // the piece is done only when its bytes are on the device
         convert_ms += ms_since(tc);
     }
     const double ms = ms_since(t0);
@@ -1311,19 +1394,27 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
         layer_stats & st = stats_[mb.layer];
         st.read_ms += ms;
         st.convert_ms += convert_ms;
-        sl.io_started = false;
+        sl.reading--;
+        sl.pieces_left--;
         if (ok) {
             st.bytes_read += bytes;
-            sl.state = SLOT_READY;
-        } else if (sl.prefetched) {
-            // nobody waits for a hint: give the slot back, silently; a later use reads on
-            // demand and fails its decode if the fault lasts
-            blocks_[job.block].slot_of[job.expert] = -1;
-            p.pol->on_evict(job.slot);
-            empty_slot(p, job.slot);
         } else {
-            sl.failed = true;
+            sl.piece_failed = true;
             io_error_ = err;
+        }
+        if (sl.pieces_left == 0) { // the last piece of the load: it is ready, or it failed
+            sl.io_started = false;
+            if (!sl.piece_failed) {
+                sl.state = SLOT_READY;
+            } else if (sl.prefetched) {
+                // nobody waits for a hint: give the slot back, silently; a later use reads on
+                // demand and fails its decode if the fault lasts
+                blocks_[job.block].slot_of[job.expert] = -1;
+                p.pol->on_evict(job.slot);
+                empty_slot(p, job.slot);
+            } else {
+                sl.failed = true;
+            }
         }
     }
     cv_done_.notify_all();
@@ -1388,7 +1479,7 @@ int expert_cache::take_fault(std::string * msg) {
             }
             for (const auto & p : pools_) {
                 for (const auto & sl : p.slots) {
-                    if (sl.io_started) {
+                    if (sl.reading > 0) {
                         return false;
                     }
                 }

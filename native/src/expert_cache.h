@@ -139,14 +139,31 @@ private:
         uint64_t   pin   = 0;     // step that pinned it; evictable when below the current step
         bool       prefetched = false; // filled by a prefetch and not used yet
         bool       predicted  = false; // that prefetch came from the predictor: judged at its block's step
-        bool       io_started = false; // an I/O thread is reading it
-        bool       failed = false;
+        bool       io_started = false; // an I/O thread has taken a piece of its load
+        bool       failed = false;     // its load ended and some piece of it failed
+        bool       piece_failed = false; // ... some piece of the load in progress failed
+        int16_t    pieces_left = 0;    // pieces of the load in progress not finished yet
+        int16_t    reading = 0;        // pieces being read by an I/O thread now
         uint64_t   want = 0;      // step at which the predictor expects its use (a later layer of this token)
         uint32_t   gen = 0;       // bumped whenever the slot is emptied: queued jobs of older contents are stale
     };
 
+    // a part of one expert's load that one I/O thread reads (and uploads): the pieces of a large
+    // miss are read by several threads at once, a small expert is one piece
+    struct segment {
+        int32_t  role;
+        uint64_t offset;  // within the role's slice
+        uint64_t bytes;
+        uint64_t staged;  // where it lies in the staging buffer
+    };
+    struct piece {
+        int32_t first = 0, count = 0; // its segments in pool::segments
+    };
+
     struct pool {
         int32_t n_slots = 0;
+        std::vector<piece> pieces; // a load of this pool's slots, in parts
+        std::vector<segment> segments;
         uint64_t slot_bytes = 0;
         std::array<ggml_tensor *, ROLE_COUNT> tensors {};
         std::array<uint8_t *, ROLE_COUNT> base {};
@@ -197,10 +214,12 @@ private:
         int32_t block;
         int32_t expert;
         uint32_t gen;
+        int32_t piece;  // index in the pool's pieces
     };
 
     expert_cache() = default;
-    static size_t staging_bytes(const pool & p); // an uploader's room for one expert of p
+    static size_t staging_bytes(const pool & p); // an uploader's room for one piece of p
+    void split_pieces(pool & p) const; // p.pieces from its slices and where they are written
 
     bool init(const std::string & path, const cache_options & opts, std::string * err, int * status);
     bool init_full_pools(std::string * err); // GPU pools that hold every expert: per-block views
@@ -210,11 +229,14 @@ private:
     void    empty_slot(pool & p, int32_t s);                       // under mu_: to EMPTY, a new generation
     // under mu_: slot s of p now loads expert e of block b, queued behind every demand read
     void    queue_prefetch(pool & p, int32_t s, int32_t b, int32_t e, uint64_t now, bool predicted);
-    bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_
+    // under mu_: every piece of slot s's load queued, as a demand read (urgent) or a prefetch
+    int32_t queue_load(int32_t pool, int32_t s, bool urgent);
+    bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_: drops its queued pieces
+    int32_t promote_prefetch(int32_t pool, int32_t s);             // under mu_: its queued pieces made demand reads
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
     int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
     void    io_worker(int index);
-    void    load(const io_job & job, void * bounce, size_t bounce_size, uploader * up, bool check_file);
+    void    load(const io_job & job, void * bounce, size_t bounce_size, uploader * up, bool check_file); // one piece
     int64_t next_use(expert_key key) const;                        // under mu_
     int     check_routes(const int32_t * ids, int64_t n, int32_t k, std::string * err) const;
     void    queue_routes(int32_t b, const int32_t * ids, int64_t n_tokens, int64_t stride, int32_t k); // under mu_
@@ -250,14 +272,15 @@ private:
     mutable std::mutex      mu_;
     std::condition_variable cv_done_;   // a load finished
     std::condition_variable cv_jobs_;   // a job queued or stop
-    // queued loads: a ring as large as all slots (a slot has at most one load queued), so
-    // queueing never allocates
+    // queued demand pieces: a ring as large as all slots' pieces (a slot has at most one load
+    // queued), so queueing never allocates
     std::vector<io_job>     jobs_;
     size_t jobs_head_ = 0, jobs_count_ = 0;
     void push_job(const io_job & j, bool urgent); // under mu_
-    // prefetch loads wait here until no demand load is queued; at most one entry per slot
-    std::vector<io_job>     prefetch_jobs_;
-    size_t max_predicted_queued_ = 0;   // the predictor's share of that queue (throttle)
+    // prefetch pieces wait here until no demand piece is queued
+    std::deque<io_job>      prefetch_jobs_;
+    size_t max_predicted_queued_ = 0;   // the predictor's share of that queue, in pieces (throttle)
+    uint64_t piece_bytes_ = 0;          // the most one I/O thread reads of a load at once
 
     std::unique_ptr<lookahead_predictor> predictor_;
 

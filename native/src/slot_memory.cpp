@@ -94,12 +94,13 @@ std::unique_ptr<uploader> uploader::create(ggml_backend_dev_t dev, size_t stagin
     return u;
 }
 
-void uploader::upload(ggml_tensor * t, int32_t slot, size_t src_offset) {
+void uploader::upload(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes, size_t src_offset) {
     const size_t slice = t->nb[2];
     if (backend_) { // a VRAM pool (repacked pools exist only on the host, where there is no backend)
-        ggml_backend_tensor_set_async(backend_, t, staging_ + src_offset, (size_t) slot*slice, slice);
+        ggml_backend_tensor_set_async(backend_, t, staging_ + src_offset, (size_t) slot*slice + offset, bytes);
         return;
     }
+    GGML_ASSERT(offset == 0 && bytes == slice); // split_pieces keeps a repacked role whole
     // a repacked pool: its buffer converts a whole tensor on set, so set a view of the slot. The
     // repack interleaves rows in groups that never straddle two experts (ne1 is a multiple of
     // the group), so a slot's bytes equal that expert's part of stock's repacked tensor

@@ -31,9 +31,9 @@ public:
     static std::unique_ptr<uploader> create(ggml_backend_dev_t dev, size_t staging_bytes, std::string * err);
 
     uint8_t * staging() const { return staging_; }
-    // staging()[src_offset, + one slot of t) into slot `slot` of pool tensor t: queued on the
-    // stream for VRAM, done at once for a repacked host pool
-    void upload(ggml_tensor * t, int32_t slot, size_t src_offset);
+    // staging()[src_offset, + bytes) into bytes [offset, + bytes) of slot `slot` of pool tensor
+    // t: queued on the stream for VRAM; done at once for a repacked host pool (whole slots only)
+    void upload(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes, size_t src_offset);
     void wait(); // every queued upload is done
 
 private:
