@@ -1088,12 +1088,37 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             if ((int64_t) carriers.size() < k_used) {
                 // the rest are loading (prefetches of known routes): they finish soon
                 bool loading = false;
-                for (const auto & o : p.slots) {
-                    loading |= o.state == SLOT_LOADING;
+                bool failed = false;
+                int32_t empty = -1;
+                for (int32_t s = 0; s < p.n_slots; ++s) {
+                    const slot & o = p.slots[s];
+                    loading |= o.state == SLOT_LOADING && !o.failed;
+                    failed  |= o.failed;
+                    if (empty < 0 && o.state == SLOT_EMPTY) {
+                        empty = s;
+                    }
+                }
+                if (failed) {
+                    return fail(EDGEMOE_ERR_IO, io_error_);
                 }
                 if (!loading) {
-                    return fail(EDGEMOE_ERR_STATE, "internal: fewer than top-k ready slots for a wave in layer " +
-                                std::to_string(bl.layer));
+                    // a prefetch that failed gave its slot back: fill it with some other expert
+                    // of this block, so that every carrier holds real (finite) weights
+                    int32_t e = 0;
+                    while (e < layout_.n_expert && bl.slot_of[e] >= 0) {
+                        ++e;
+                    }
+                    if (empty < 0 || e == layout_.n_expert) {
+                        return fail(EDGEMOE_ERR_STATE, "internal: fewer than top-k ready slots for a wave in layer " +
+                                    std::to_string(bl.layer));
+                    }
+                    slot & sl = p.slots[empty];
+                    sl.key   = make_key(w.block, e);
+                    sl.state = SLOT_LOADING;
+                    sl.pin   = now;
+                    bl.slot_of[e] = empty;
+                    p.pol->on_fill(empty, sl.key, now);
+                    queue_load(bl.pool, empty, true);
                 }
                 cv_jobs_.notify_all();
                 const auto tw = std::chrono::steady_clock::now();
