@@ -11,9 +11,10 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
   edgemoe ...   a --budget cache: VRAM pool ("vram"), pinned host memory the GPU reads in place
                 ("mapped", the Jetson's zero-copy pool; over PCIe here), or the host pool (expert
                 matmuls on the CPU, the pre-issue-13 behaviour); warm reads from the page cache
-                (--io buffered, the file read once before), cold ones with O_DIRECT. Two rows
-                vary the warm VRAM row: each expert read whole by one I/O thread (the loads
-                before pieces), and twice the I/O threads.
+                (--io buffered, the file read once before), cold ones with O_DIRECT. Rows
+                that vary the warm VRAM row: each expert read whole by one I/O thread (the loads
+                before pieces), 1 MiB pieces, twice the I/O threads, and copies from a mapping
+                (--io mmap) instead of pread.
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
@@ -27,6 +28,7 @@ VRAM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 WHOLE = {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)}  # pieces of 1 GiB: every expert one read, on one thread
+SMALL = {"EDGEMOE_READ_PIECE_KIB": "1024"}  # pieces of 1 MiB instead of 2
 
 
 def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
@@ -60,7 +63,9 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
         (f"edgemoe vram {pct} warm", vram, False, {}),
         (f"edgemoe vram {pct} warm, prefetch off", dict(vram, prefetch="off"), False, {}),
         (f"edgemoe vram {pct} warm, whole-expert reads", vram, False, WHOLE),
+        (f"edgemoe vram {pct} warm, 1 MiB pieces", vram, False, SMALL),
         (f"edgemoe vram {pct} warm, {2 * io_threads} I/O threads", dict(vram, n_io_threads=2 * io_threads), False, {}),
+        (f"edgemoe vram {pct} warm, mmap", dict(vram, io="mmap"), False, {}),
         (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True, {}),
         (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False, {}),
         (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False, {}),
@@ -86,9 +91,10 @@ def child(spec: dict) -> dict:
             tpot.append(s.tpot_ms)
             tps.append(1000.0 / s.tpot_ms)
         stats = e.stats()
+        decode = dataclasses.asdict(stats.per_token) if stats.per_token else None  # where a step's time went
         return dict(tokens_per_s=sum(tps) / len(tps), tpot_ms=sum(tpot) / len(tpot), vram_bytes=vram,
                     load_s=load_s, texts=texts, hit_rate=stats.hit_rate, expert_pool=stats.expert_pool,
-                    bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])))
+                    bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])), decode=decode)
 
 
 def run(args) -> list:

@@ -31,10 +31,10 @@ def test_only_the_cold_row_reads_with_o_direct():
     assert cold[0][1]["io"] == "direct"
 
 
-def test_only_the_whole_expert_row_reads_each_expert_in_one_piece():
-    env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8)}
-    assert env["edgemoe vram 25% warm, whole-expert reads"] == {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)}
-    assert all(not e for label, e in env.items() if "whole" not in label)
+def test_only_the_piece_rows_change_the_piece_size():
+    env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8) if e}
+    assert env == {"edgemoe vram 25% warm, whole-expert reads": {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)},
+                   "edgemoe vram 25% warm, 1 MiB pieces": {"EDGEMOE_READ_PIECE_KIB": "1024"}}
 
 
 def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
