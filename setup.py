@@ -339,8 +339,10 @@ def main():
             # torch pinned to the CPU wheel (an open range pulls a CUDA build of several GB),
             # tokenizers pinned because a test rebuilds tokenizer.json byte for byte
             # atheris: the Python parsers' coverage-guided fuzzers (tests/fuzz)
+            # jetson-stats: tests/test_telemetry.py runs its jtop client against a recorded payload
             "test": ["pytest>=7.4", "torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3",
-                     "safetensors>=0.4", "openai>=1.0", "httpx>=0.27", "atheris==3.0.0"],
+                     "safetensors>=0.4", "openai>=1.0", "httpx>=0.27", "atheris==3.0.0",
+                     "jetson-stats==7.2.2"],
             # edgemoe tune-router trains routers in torch (docs/remoe.md); the same pins as "test"
             "tune": ["torch==2.13.0", "transformers==5.23.0", "safetensors>=0.4"],
             "jetson": ["jetson-stats>=4.2"],

@@ -101,10 +101,16 @@ class Row:
     disk_read_bytes: Optional[float] = None
     cpu_user_s: Optional[float] = None
     cpu_system_s: Optional[float] = None
-    power_w: Optional[float] = None
-    energy_per_token_j: Optional[float] = None
+    power_source: Optional[str] = None       # jtop or tegrastats (edgemoe.telemetry)
+    power_w: Optional[float] = None          # board, mean over the repetition
+    energy_j: Optional[float] = None         # board, per repetition
+    energy_per_token_j: Optional[float] = None  # over every token a repetition evaluated
+    rail_energy_per_token_j: Optional[str] = None  # the same per rail: "VDD_IN=0.41,VDD_SOC=0.12"
     temp_max_c: Optional[float] = None
     nvpmodel: Optional[str] = None
+    cpu_mhz: Optional[float] = None          # clocks, means over the samples (CPU: online cores)
+    gpu_mhz: Optional[float] = None
+    emc_mhz: Optional[float] = None
     # -- per repetition --------------------------------------------------------------------
     samples_ns: List[int] = field(default_factory=list)
     samples_ts: List[float] = field(default_factory=list)
@@ -196,9 +202,27 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
     row.disk_read_bytes = _mean([t["disk_read_bytes"] for t in tel])
     row.cpu_user_s = _mean([t["cpu_user_s"] for t in tel])
     row.cpu_system_s = _mean([t["cpu_system_s"] for t in tel])
+    row.power_source = next((t["power_source"] for t in tel if t.get("power_source")), None)
     if any(t.get("power_w") is not None for t in tel):
         row.power_w = _mean([t["power_w"] for t in tel])
+        row.energy_j = _mean([t.get("energy_j") for t in tel])
         row.energy_per_token_j = _mean([t["energy_j"] / r["n_tokens"] for t, r in zip(tel, reps)
                                         if t.get("energy_j") is not None and r["n_tokens"]])
-        row.temp_max_c = max((t["temp_max_c"] for t in tel if t.get("temp_max_c") is not None), default=None)
-        row.nvpmodel = next((t["nvpmodel"] for t in tel if t.get("nvpmodel")), None)
+        row.rail_energy_per_token_j = _rails_per_token(tel, reps)
+    row.temp_max_c = max((t["temp_max_c"] for t in tel if t.get("temp_max_c") is not None), default=None)
+    row.nvpmodel = next((t["nvpmodel"] for t in tel if t.get("nvpmodel")), None)
+    row.cpu_mhz = _mean([t.get("cpu_mhz") for t in tel])
+    row.gpu_mhz = _mean([t.get("gpu_mhz") for t in tel])
+    row.emc_mhz = _mean([t.get("emc_mhz") for t in tel])
+
+
+def _rails_per_token(tel: List[dict], reps: List[dict]) -> Optional[str]:
+    """Each rail's joules per token, the mean over repetitions, as one CSV-safe cell."""
+    per_rail: dict = {}
+    for t, r in zip(tel, reps):
+        for name, joules in (t.get("rail_energy_j") or {}).items():
+            if r["n_tokens"]:
+                per_rail.setdefault(name, []).append(joules / r["n_tokens"])
+    if not per_rail:
+        return None
+    return ",".join(f"{name}={statistics.fmean(v):.6g}" for name, v in sorted(per_rail.items()))
