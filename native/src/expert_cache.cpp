@@ -764,6 +764,17 @@ int32_t expert_cache::queue_load(int32_t pool_index, int32_t s, bool urgent) {
     return n;
 }
 
+int32_t expert_cache::load_now(int32_t pool_index, int32_t s, int32_t b, int32_t e, uint64_t now) {
+    pool & p = pools_[pool_index];
+    slot & sl = p.slots[s];
+    sl.key   = make_key(b, e);
+    sl.state = SLOT_LOADING;
+    sl.pin   = now;
+    blocks_[b].slot_of[e] = s;
+    p.pol->on_fill(s, sl.key, now);
+    return queue_load(pool_index, s, true);
+}
+
 int32_t expert_cache::promote_prefetch(int32_t pool_index, int32_t s) {
     int32_t n = 0;
     io_job j{};
@@ -1023,16 +1034,10 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
             use_resident(bl.slot_of[e], uses);
             continue;
         }
-        slot & sl = p.slots[s];
-        sl.key   = make_key(w.block, e);
-        sl.state = SLOT_LOADING;
-        sl.pin   = now;
-        bl.slot_of[e] = s;
-        p.pol->on_fill(s, sl.key, now);
-        p.pol->on_use(s, sl.key, now, (uint32_t) uses);
+        n_queued += load_now(bl.pool, s, w.block, e, now);
+        p.pol->on_use(s, p.slots[s].key, now, (uint32_t) uses);
         st.misses += 1;
         st.hits   += uses - 1;
-        n_queued += queue_load(bl.pool, s, true);
     }
 
     // known routes: the next experts in order of first use load behind this step's reads
@@ -1112,13 +1117,7 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
                         return fail(EDGEMOE_ERR_STATE, "internal: fewer than top-k ready slots for a wave in layer " +
                                     std::to_string(bl.layer));
                     }
-                    slot & sl = p.slots[empty];
-                    sl.key   = make_key(w.block, e);
-                    sl.state = SLOT_LOADING;
-                    sl.pin   = now;
-                    bl.slot_of[e] = empty;
-                    p.pol->on_fill(empty, sl.key, now);
-                    queue_load(bl.pool, empty, true);
+                    load_now(bl.pool, empty, w.block, e, now);
                 }
                 cv_jobs_.notify_all();
                 const auto tw = std::chrono::steady_clock::now();

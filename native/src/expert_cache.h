@@ -231,6 +231,8 @@ private:
     void    queue_prefetch(pool & p, int32_t s, int32_t b, int32_t e, uint64_t now, bool predicted);
     // under mu_: every piece of slot s's load queued, as a demand read (urgent) or a prefetch
     int32_t queue_load(int32_t pool, int32_t s, bool urgent);
+    // under mu_: empty slot s of pool now loads expert e of block b on demand, pinned for `now`
+    int32_t load_now(int32_t pool, int32_t s, int32_t b, int32_t e, uint64_t now);
     bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_: drops its queued pieces
     int32_t promote_prefetch(int32_t pool, int32_t s);             // under mu_: its queued pieces made demand reads
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
