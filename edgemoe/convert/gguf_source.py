@@ -22,7 +22,16 @@ _WRITER_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT}
 
 
 def open_gguf(path: str) -> "gguf.GGUFReader":
+    from edgemoe.errors import EdgemoeIOError, ModelFormatError
+    from edgemoe.gguf_header import read_header
+
     check_model_file(path)
+    # gguf's reader trusts the file's counts (an array claiming 2^40 elements past the end of
+    # the file makes it loop and allocate without end): the bounds-checked header parse first
+    try:
+        read_header(path)
+    except (ModelFormatError, EdgemoeIOError) as e:
+        raise ConvertError(str(e)) from None
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the gguf package raises assorted errors on damaged headers

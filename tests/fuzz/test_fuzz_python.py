@@ -211,6 +211,25 @@ def test_router_gguf_array_longer_than_the_file_fails_quickly(tmp_path):
     assert out.startswith("RouterFormatError") and "truncated or corrupt GGUF header" in out
 
 
+@pytest.mark.parametrize("opener, error", [("edgemoe.convert.gguf_source:open_gguf", "ConvertError"),
+                                           ("edgemoe.tune.gguf_model:open_reader", "TuneError")])
+def test_a_model_gguf_array_longer_than_the_file_fails_quickly(tmp_path, opener, error):
+    # the same hostile array count through `edgemoe convert`'s and `tune-router`'s readers,
+    # which handed the file to gguf.GGUFReader unchecked
+    data = _gguf([("general.x", 9, struct.pack("<IQ", 0, 1 << 40))])
+    path = _write(tmp_path, data)
+    module, name = opener.split(":")
+    out = _isolated(tmp_path, f"""
+        from {module} import {name} as opener
+        from edgemoe.errors import EdgemoeError
+        try:
+            opener({path!r})
+        except EdgemoeError as e:
+            print(type(e).__name__, e)
+    """, timeout=60)
+    assert out.startswith(error) and "truncated or corrupt GGUF header" in out, out
+
+
 def test_router_gguf_string_that_is_not_utf8(tmp_path):
     # gguf decodes values only when asked: a UnicodeDecodeError escaped load_router
     data = _gguf([("edgemoe.router.kind", 8, struct.pack("<Q", 1) + b"\xff")])
