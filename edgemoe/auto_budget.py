@@ -26,8 +26,13 @@
   this snapshot (other processes, their page cache).
 
 Weights, KV cache and compute buffers count against this memory wherever they sit: on a
-Jetson a GPU's buffers are the same RAM; on a discrete GPU this overstates the need (a smaller
-budget than the memory would allow).
+Jetson a GPU's buffers are the same RAM (the `mapped` pool is host memory too).
+
+**A VRAM pool** (`-ngl` on a discrete GPU) is sized from the GPU instead: the room is the
+device's free memory, less what the offloaded layers put there: their share of the non-expert
+weights (n_gpu_layers of n_layer + 1, the output layer counting as one), the same share of the
+KV cache, and the compute buffers. When every expert fits, the cache is off and the run is stock
+`-ngl`, every expert in VRAM; the minimum is a GPU pool's (a whole layer's experts in every pool).
 
 When every expert fits (expert bytes <= room), the cache is off and the run is stock
 llama.cpp (mmap): the same graph and the same speed, warm or cold. Only the derivation comes
@@ -111,7 +116,7 @@ class AutoBudget:
         """`cgroup v1 limit 2.0 GiB - in use 85.0 MiB - non-expert ... = 1.2 GiB`."""
         r, n = self.room, self.need
         parts = [f"{r.source} {format_bytes(r.limit_bytes)}"]
-        if r.source != "MemAvailable":
+        if r.source.startswith("cgroup"):  # MemAvailable and free VRAM exclude what is in use
             parts.append(f"in use {format_bytes(r.in_use_bytes)}")
         parts += [f"non-expert {format_bytes(n.non_expert_bytes)}", f"KV {format_bytes(n.kv_bytes)}",
                   f"compute {format_bytes(n.compute_bytes)}", f"margin {format_bytes(self.margin_bytes)}"]
@@ -300,9 +305,27 @@ def decide(model: str, room: MemoryRoom, need: ModelMemory) -> AutoBudget:
                       budget_bytes=max(out.room_bytes, need.min_budget_bytes))
 
 
+def vram_room(gpu) -> MemoryRoom:
+    """A discrete GPU's free memory (edgemoe.cache.GpuInfo), which excludes what is in use."""
+    return MemoryRoom(f"VRAM free on {gpu.name}", int(gpu.memory_free))
+
+
+def offloaded(need: ModelMemory, n_layer: int, n_gpu_layers: int, min_gpu_budget_bytes: int) -> ModelMemory:
+    """What of `need` sits in VRAM with n_gpu_layers offloaded: that share of the non-expert
+    weights (the output layer is llama.cpp's layer n_layer) and of the KV cache, the compute
+    buffers, and a GPU pool's minimum."""
+    n = max(n_gpu_layers, 0)
+    weights_share = min(n, n_layer + 1) / (n_layer + 1)
+    kv_share = min(n, n_layer) / max(n_layer, 1)  # the output layer has no KV cache
+    return ModelMemory(expert_bytes=need.expert_bytes, non_expert_bytes=int(need.non_expert_bytes * weights_share),
+                       min_budget_bytes=min_gpu_budget_bytes, kv_bytes=int(need.kv_bytes * kv_share),
+                       compute_bytes=need.compute_bytes)
+
+
 def derive_auto_budget(model_path, n_ctx: int, n_ubatch: int = 512, kv_type: str = "f16",
                        flash_attn: bool = True, proc_self: Path = Path("/proc/self"),
-                       meminfo: Path = Path("/proc/meminfo")) -> AutoBudget:
+                       meminfo: Path = Path("/proc/meminfo"), vram_gpu=None,
+                       n_gpu_layers: int = 0) -> AutoBudget:
     """The `auto` budget of `model_path` for a context of n_ctx tokens, here and now.
 
     Args:
@@ -310,6 +333,14 @@ def derive_auto_budget(model_path, n_ctx: int, n_ubatch: int = 512, kv_type: str
         kv_type: "f16" or "f32", the KV cache's element type.
         flash_attn: whether llama.cpp runs flash attention (no n_ctx-wide score matrix).
         proc_self, meminfo: fake trees in tests.
+        vram_gpu: for a VRAM pool, the GPU (edgemoe.cache.GpuInfo) whose free memory is the
+            room, with n_gpu_layers offloaded; None sizes from host memory.
     """
     need = model_memory(model_path, n_ctx, n_ubatch, kv_type, flash_attn)
-    return decide(os.path.basename(os.fspath(model_path)), memory_room(proc_self, meminfo), need)
+    name = os.path.basename(os.fspath(model_path))
+    if vram_gpu is None:
+        return decide(name, memory_room(proc_self, meminfo), need)
+    from edgemoe.cache import inspect_model
+
+    info = inspect_model(model_path)
+    return decide(name, vram_room(vram_gpu), offloaded(need, info.n_layer, n_gpu_layers, info.min_gpu_budget_bytes))

@@ -136,6 +136,7 @@ class edgemoe_stats(ctypes.Structure):
 #     int64_t min_budget_bytes; // what one token needs in every pool
 #     int64_t data_alignment;   // alignment of the tensor data section
 #     int32_t slices_aligned;   // 1 when every expert slice starts on a 4 KiB boundary
+#     int64_t min_gpu_budget_bytes; // what a GPU pool needs: a whole layer's experts in every pool
 # } edgemoe_model_info;
 class edgemoe_model_info(ctypes.Structure):
     _fields_ = [
@@ -150,6 +151,7 @@ class edgemoe_model_info(ctypes.Structure):
         ("min_budget_bytes", ctypes.c_int64),
         ("data_alignment", ctypes.c_int64),
         ("slices_aligned", ctypes.c_int32),
+        ("min_gpu_budget_bytes", ctypes.c_int64),
     ]
 
 

@@ -30,6 +30,7 @@ class ModelInfo:
     min_budget_bytes: int
     data_alignment: int
     slices_aligned: bool
+    min_gpu_budget_bytes: int  # a GPU pool's minimum: a whole layer's experts in every pool
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from edgemoe.cache import CacheStats, ExpertCache
 from edgemoe.errors import (ContextFullError, DecodeError, InvalidArgumentError, ModelLoadError,
                             NoExpertsError, StateError)
 from edgemoe.model_router import read_model_router
-from edgemoe.placement import check_pool, cpu_moe_overrides, resolve_pool
+from edgemoe.placement import check_pool, cpu_moe_overrides, resolve_pool, vram_gpu
 from edgemoe.router_runtime import RouterRuntime
 
 # The patched loader keeps the *_exps tensors unread in the mmap when this key is true.
@@ -239,8 +239,11 @@ class Engine:
         if budget is not None and budget.auto:
             from edgemoe.auto_budget import derive_auto_budget
 
+            # a VRAM pool is sized from the GPU's free memory, every other from host memory
             self.auto_budget = derive_auto_budget(self.model_path, n_ctx=n_ctx, n_ubatch=min(n_ubatch, n_batch),
-                                                  kv_type=kv_type, flash_attn=kv_type != "f32")
+                                                  kv_type=kv_type, flash_attn=kv_type != "f32",
+                                                  vram_gpu=vram_gpu(resolve_pool(expert_pool, n_gpu_layers)),
+                                                  n_gpu_layers=n_gpu_layers)
             self._notice(self.auto_budget.describe())
             budget = self.auto_budget.budget
         if router is not None and budget is None:

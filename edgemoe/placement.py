@@ -28,6 +28,19 @@ def resolve_pool(pool: str, n_gpu_layers: int) -> str:
     return "gpu" if inspect_gpu().n_gpu > 0 else "host"
 
 
+def vram_gpu(pool: str):
+    """The GPU (edgemoe.cache.GpuInfo) whose VRAM a resolved pool lives in, else None: "vram",
+    and "gpu" on a discrete device (on an integrated one, a Jetson, "gpu" is mapped host memory)."""
+    if pool not in ("vram", "gpu"):
+        return None
+    from edgemoe.cache import inspect_gpu
+
+    gpu = inspect_gpu()
+    if gpu.n_gpu == 0 or (pool == "gpu" and gpu.integrated):
+        return None
+    return gpu
+
+
 # struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; };
 class llama_model_tensor_buft_override(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]

@@ -4,6 +4,7 @@ own log. The engine, `edgemoe run`, `edgemoe bench` and a real cgroup: test_auto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -261,3 +262,64 @@ def test_derive_from_a_fake_v1_limit_and_the_real_model(tmp_path):
     assert auto.room.source == "cgroup v1 limit" and auto.need.expert_bytes == info.expert_bytes
     assert auto.need.non_expert_bytes == info.non_expert_bytes
     assert auto.budget_bytes == pytest.approx(info.expert_bytes // 2, abs=64)
+
+
+# -- a VRAM pool -------------------------------------------------------------------------------
+
+def _gpu(free):
+    from edgemoe.cache import GpuInfo
+
+    return GpuInfo(n_gpu=1, integrated=False, memory_free=free, memory_total=80 * GiB, name="FakeGPU",
+                   description="FakeGPU (fake)")
+
+
+def test_a_vram_pool_takes_the_free_vram_less_the_offloaded_share():
+    from edgemoe.auto_budget import offloaded, vram_room
+
+    gpu_min = 640 * MiB
+    # every layer and the output offloaded: all of the weights, KV and compute buffers are in VRAM
+    need = offloaded(NEED, n_layer=7, n_gpu_layers=99, min_gpu_budget_bytes=gpu_min)
+    assert (need.non_expert_bytes, need.kv_bytes, need.min_budget_bytes) == (300 * MiB, 64 * MiB, gpu_min)
+    auto = decide("m.gguf", vram_room(_gpu(2 * GiB)), need)
+    assert auto.budget_bytes == 2 * GiB - (300 + 64 + 40) * MiB - _margin(2 * GiB)
+    line = auto.describe()
+    assert "VRAM free on FakeGPU 2.0 GiB - non-expert 300.0 MiB" in line and "in use" not in line
+    # half the layers: half the KV cache, 4 of the 8 weight layers (the output layer is one)
+    half = offloaded(NEED, n_layer=8, n_gpu_layers=4, min_gpu_budget_bytes=gpu_min)
+    assert (half.non_expert_bytes, half.kv_bytes) == (int(300 * MiB * 4 / 9), 32 * MiB)
+    # room for every expert: off, the run is stock -ngl with every expert in VRAM
+    assert decide("m.gguf", vram_room(_gpu(8 * GiB)), need).budget_bytes is None
+    # short of a layer's experts: the GPU minimum, not the host pool's top-k
+    small = decide("m.gguf", vram_room(_gpu(1 * GiB)), need)
+    assert small.budget_bytes == gpu_min and small.short_bytes > 0
+
+
+@needs_cache
+def test_derive_for_a_vram_pool_from_the_real_model():
+    from edgemoe.cache import inspect_model
+    from edgemoe.default_model import default_model_path
+
+    path = default_model_path()
+    info = inspect_model(path)
+    assert info.min_gpu_budget_bytes == info.n_expert * info.slot_bytes_max  # one pool: a layer's experts
+    probe = derive_auto_budget(path, n_ctx=4096, vram_gpu=_gpu(64 * GiB), n_gpu_layers=99)
+    assert probe.budget_bytes is None and probe.room.source == "VRAM free on FakeGPU"
+    rest = probe.need.non_expert_bytes + probe.need.kv_bytes + probe.need.compute_bytes
+    assert probe.need.non_expert_bytes == info.non_expert_bytes  # every layer offloaded
+    free = math.ceil((rest + MARGIN_FIXED + info.expert_bytes // 2) / (1 - MARGIN_FRACTION))
+    half = derive_auto_budget(path, n_ctx=4096, vram_gpu=_gpu(free), n_gpu_layers=99)
+    assert half.budget_bytes == pytest.approx(info.expert_bytes // 2, abs=64)
+    tiny = derive_auto_budget(path, n_ctx=4096, vram_gpu=_gpu(rest), n_gpu_layers=99)
+    assert tiny.budget_bytes == info.min_gpu_budget_bytes
+
+
+def test_only_a_vram_pool_on_a_discrete_gpu_is_sized_from_vram(monkeypatch):
+    import edgemoe.cache as cache
+    from edgemoe.placement import vram_gpu
+
+    monkeypatch.setattr(cache, "inspect_gpu", lambda: _gpu(GiB))
+    assert vram_gpu("vram").name == "FakeGPU" and vram_gpu("gpu").name == "FakeGPU"
+    assert vram_gpu("host") is None and vram_gpu("mapped") is None
+    integrated = dataclasses.replace(_gpu(GiB), integrated=True)
+    monkeypatch.setattr(cache, "inspect_gpu", lambda: integrated)
+    assert vram_gpu("gpu") is None  # a Jetson: mapped host memory, sized from host memory

@@ -112,6 +112,7 @@ typedef struct edgemoe_model_info {
     int64_t min_budget_bytes; // what one token needs in every pool
     int64_t data_alignment;   // alignment of the tensor data section
     int32_t slices_aligned;   // 1 when every expert slice starts on a 4 KiB boundary
+    int64_t min_gpu_budget_bytes; // what a GPU pool needs: a whole layer's experts in every pool
 } edgemoe_model_info;
 
 typedef struct edgemoe_cache_info {

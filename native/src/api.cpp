@@ -188,6 +188,7 @@ int edgemoe_model_inspect(const char * model_path, edgemoe_model_info * out) {
         out->expert_bytes     = (int64_t) l.expert_bytes;
         out->non_expert_bytes = (int64_t) l.non_expert_bytes;
         out->min_budget_bytes = (int64_t) l.min_budget_bytes();
+        out->min_gpu_budget_bytes = (int64_t) l.min_budget_bytes(true);
         out->data_alignment   = (int64_t) l.alignment;
         out->slices_aligned   = l.blocks.empty() ? 0 : (l.slices_aligned(DIRECT_ALIGN) ? 1 : 0);
         out->n_pools = (int32_t) l.pools.size();

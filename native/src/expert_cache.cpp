@@ -181,13 +181,7 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     // waves over a GPU pool gave wrong logits in tests (docs/cache.md, GPU pools)
     const bool gpu = memory_.kind() != pool_kind::host;
     const int32_t k = gpu ? layout_.n_expert : layout_.n_expert_used;
-    uint64_t min_bytes = layout_.min_budget_bytes();
-    if (gpu) {
-        min_bytes = 0;
-        for (const auto & lp : layout_.pools) {
-            min_bytes += (uint64_t) layout_.n_expert*lp.slot_bytes;
-        }
-    }
+    const uint64_t min_bytes = layout_.min_budget_bytes(gpu);
     double fraction = opts.budget_fraction;
     if (opts.budget_bytes > 0) {
         fraction = (double) opts.budget_bytes/(double) layout_.expert_bytes;

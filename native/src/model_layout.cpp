@@ -40,10 +40,12 @@ std::string moe_block::signature() const {
     return s;
 }
 
-uint64_t model_layout::min_budget_bytes() const {
+uint64_t model_layout::min_budget_bytes(bool gpu) const {
+    // a GPU pool holds a whole layer's experts (no waves there), a host pool one token's top-k
+    const int32_t k = gpu ? n_expert : n_expert_used;
     uint64_t n = 0;
     for (const auto & p : pools) {
-        n += (uint64_t) n_expert_used*p.slot_bytes;
+        n += (uint64_t) k*p.slot_bytes;
     }
     return n;
 }

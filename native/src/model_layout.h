@@ -68,7 +68,7 @@ struct model_layout {
     std::vector<pool_layout> pools;
 
     // what one token needs resident in every pool at once
-    uint64_t min_budget_bytes() const;
+    uint64_t min_budget_bytes(bool gpu = false) const; // the smallest budget a host (GPU) pool takes
     bool slices_aligned(uint64_t align) const;
 };
 
