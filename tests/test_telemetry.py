@@ -161,9 +161,14 @@ def _expected_energies(samples, t0: float, t1: float) -> dict:
     return out
 
 
-def _measure(tel: Telemetry, seconds: float):
+def _measure(tel: Telemetry, seconds: float, freeze: bool = False):
+    """A window of `seconds`. freeze: end the sampling first (the source's close joins its
+    thread), so that the samples read back are exactly those the window integrated; without it a
+    sample stamped before the window's end but logged after it (a loaded CI machine) differs."""
     started = tel.start()
     time.sleep(seconds)
+    if freeze:
+        tel._source.close()
     w = tel.stop(started)
     return w, started[0], started[0] + w.seconds, tel._log.samples()
 
@@ -184,7 +189,7 @@ def test_jtop_client_parses_a_recorded_orin_nx_payload(jtop_service, recorded):
         deadline = time.monotonic() + 5
         while len(tel._log.samples()) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        w, t0, t1, samples = _measure(tel, 0.6)
+        w, t0, t1, samples = _measure(tel, 0.6, freeze=True)
     finally:
         tel.close()
     assert w.power_source == "jtop" and w.nvpmodel == "15W" and w.power_samples >= 3
@@ -260,7 +265,7 @@ def test_tegrastats_fallback_when_the_jtop_service_is_absent(no_jtop_service, fa
     tel = Telemetry(jetson=True)
     source = tel._source
     try:
-        w, t0, t1, samples = _measure(tel, 0.6)
+        w, t0, t1, samples = _measure(tel, 0.6, freeze=True)
     finally:
         tel.close()
     assert source._proc.returncode is not None  # the child is gone with the telemetry
