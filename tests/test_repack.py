@@ -83,6 +83,22 @@ def test_cache_equals_stock_with_and_without_repacking(quant_models, expert_type
             assert stats.convert_ms == 0
 
 
+def test_repacked_roles_loaded_side_by_side_stay_exact(quant_models, monkeypatch):
+    """With 4 KiB pieces every role of a load is its own job (a repacked role stays whole), so
+    several I/O threads repack the roles of one slot at once: still bit-identical."""
+    from edgemoe.cache import inspect_model
+
+    if not repacks("Q4_0"):
+        pytest.skip("this CPU does not repack Q4_0")
+    path = quant_models["Q4_0"]
+    ref, _, _ = _run(path, None, True)
+    monkeypatch.setenv("EDGEMOE_READ_PIECE_KIB", "4")  # read when the cache is created
+    for budget in ("50%", inspect_model(path).min_budget_bytes):
+        got, info, stats = _run(path, budget, True)
+        assert info.n_repacked == 3 and stats.convert_ms > 0
+        assert np.array_equal(ref, got), f"{budget}: {np.abs(ref - got).max()}"
+
+
 def test_repacking_changes_the_kernels(quant_models):
     """A negative control: where the CPU repacks Q4_0, repacked and plain runs are different
     computations, so the equalities above compare like with like."""
