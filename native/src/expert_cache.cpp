@@ -742,7 +742,6 @@ int32_t expert_cache::queue_load(int32_t pool_index, int32_t s, bool urgent) {
     const int32_t n = (int32_t) p.pieces.size();
     sl.pieces_left = n;
     sl.piece_failed = false;
-    sl.io_started = false;
     io_job j{ pool_index, s, key_block(sl.key), key_expert(sl.key), sl.gen, 0 };
     if (urgent) {
         for (int32_t i = n - 1; i >= 0; --i) { // each goes to the front: the first piece ends first
@@ -770,17 +769,8 @@ int32_t expert_cache::load_now(int32_t pool_index, int32_t s, int32_t b, int32_t
 }
 
 int32_t expert_cache::promote_prefetch(int32_t pool_index, int32_t s) {
-    int32_t n = 0;
     io_job j{};
-    for (size_t i = 0; i < prefetch_jobs_.size();) {
-        if (prefetch_jobs_[i].pool == pool_index && prefetch_jobs_[i].slot == s) {
-            j = prefetch_jobs_[i];
-            prefetch_jobs_.erase(prefetch_jobs_.begin() + (std::ptrdiff_t) i);
-            n++;
-        } else {
-            ++i;
-        }
-    }
+    const int32_t n = unqueue_prefetch(pool_index, s, &j);
     // queued pieces are the last ones, in order: pushed to the front from the last back
     const int32_t first = j.piece - n + 1;
     for (int32_t i = j.piece; n > 0 && i >= first; --i) {
@@ -796,17 +786,22 @@ void expert_cache::empty_slot(pool & p, int32_t s) {
     p.slots[s].gen = gen;
 }
 
-bool expert_cache::unqueue_prefetch(int32_t pool_index, int32_t s) {
-    bool found = false;
-    for (size_t i = 0; i < prefetch_jobs_.size();) {
-        if (prefetch_jobs_[i].pool == pool_index && prefetch_jobs_[i].slot == s) {
-            prefetch_jobs_.erase(prefetch_jobs_.begin() + (std::ptrdiff_t) i);
-            found = true;
+int32_t expert_cache::unqueue_prefetch(int32_t pool_index, int32_t s, io_job * last) {
+    // one pass that keeps the other slots' pieces in order
+    int32_t n = 0;
+    auto keep = prefetch_jobs_.begin();
+    for (auto it = prefetch_jobs_.begin(); it != prefetch_jobs_.end(); ++it) {
+        if (it->pool == pool_index && it->slot == s) {
+            if (last) {
+                *last = *it;
+            }
+            n++;
         } else {
-            ++i;
+            *keep++ = *it;
         }
     }
-    return found;
+    prefetch_jobs_.erase(keep, prefetch_jobs_.end());
+    return n;
 }
 
 int32_t expert_cache::acquire_slot(pool & p, uint64_t now, bool for_prefetch) {
@@ -1177,7 +1172,7 @@ void expert_cache::judge_predictions(int32_t b) {
             continue;
         }
         st.prefetch_wasted++;
-        if (sl.state == SLOT_LOADING && !sl.io_started && unqueue_prefetch(bl.pool, s)) {
+        if (sl.state == SLOT_LOADING && load_untouched(p, sl) && unqueue_prefetch(bl.pool, s) > 0) {
             st.prefetch_cancelled++;
             bl.slot_of[key_expert(sl.key)] = -1;
             p.pol->on_evict(s);
@@ -1340,7 +1335,6 @@ void expert_cache::io_worker(int index) {
                 cv_done_.notify_all(); // a queue emptied: take_fault may be waiting for that
                 continue; // a cancelled load's piece
             }
-            sl.io_started = true;
             sl.reading++;
         }
         load(job, bounce, bounce ? bounce_size : 0, up, check_file_next);
@@ -1421,7 +1415,6 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
             io_error_ = err;
         }
         if (sl.pieces_left == 0) { // the last piece of the load: it is ready, or it failed
-            sl.io_started = false;
             if (!sl.piece_failed) {
                 sl.state = SLOT_READY;
             } else if (sl.prefetched) {

@@ -139,7 +139,6 @@ private:
         uint64_t   pin   = 0;     // step that pinned it; evictable when below the current step
         bool       prefetched = false; // filled by a prefetch and not used yet
         bool       predicted  = false; // that prefetch came from the predictor: judged at its block's step
-        bool       io_started = false; // an I/O thread has taken a piece of its load
         bool       failed = false;     // its load ended and some piece of it failed
         bool       piece_failed = false; // ... some piece of the load in progress failed
         int16_t    pieces_left = 0;    // pieces of the load in progress not finished yet
@@ -233,8 +232,13 @@ private:
     int32_t queue_load(int32_t pool, int32_t s, bool urgent);
     // under mu_: empty slot s of pool now loads expert e of block b on demand, pinned for `now`
     int32_t load_now(int32_t pool, int32_t s, int32_t b, int32_t e, uint64_t now);
-    bool    unqueue_prefetch(int32_t pool, int32_t s);             // under mu_: drops its queued pieces
+    // under mu_: takes slot s's queued prefetch pieces out of their queue; how many, the last in *last
+    int32_t unqueue_prefetch(int32_t pool, int32_t s, io_job * last = nullptr);
     int32_t promote_prefetch(int32_t pool, int32_t s);             // under mu_: its queued pieces made demand reads
+    // under mu_: no I/O thread has taken a piece of the slot's load (it can still be cancelled)
+    static bool load_untouched(const pool & p, const slot & sl) {
+        return sl.reading == 0 && sl.pieces_left == (int32_t) p.pieces.size();
+    }
     void    judge_predictions(int32_t b);                          // under mu_, at block b's step
     int32_t predict_ahead(int32_t b, const ggml_tensor * hidden, uint64_t now); // under mu_: loads queued
     void    io_worker(int index);
