@@ -9,6 +9,7 @@ drop up to two intervals of every window.
 from __future__ import annotations
 
 import bisect
+import statistics
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -70,9 +71,10 @@ def integrate(points: Sequence[Tuple[float, float]], t0: float, t1: float) -> fl
     return sum((tb - ta) * (va + vb) / 2.0 for (ta, va), (tb, vb) in zip(knots, knots[1:]))
 
 
-def _mean(values) -> Optional[float]:
+def mean_known(values) -> Optional[float]:
+    """The mean of the values that are not None; None when there are none."""
     values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return float(statistics.fmean(values)) if values else None
 
 
 class PowerLog:
@@ -108,6 +110,6 @@ class PowerLog:
                                      t0, t1) for name in names}
         temps = [s.temp_max_c for s in inside if s.temp_max_c is not None]
         return PowerWindow(samples=sum(1 for s in usable if s.t >= t0), power_w=power, energy_j=energy,
-                           rail_energy_j=rails, cpu_mhz=_mean(s.cpu_mhz for s in inside),
-                           gpu_mhz=_mean(s.gpu_mhz for s in inside), emc_mhz=_mean(s.emc_mhz for s in inside),
+                           rail_energy_j=rails, cpu_mhz=mean_known(s.cpu_mhz for s in inside),
+                           gpu_mhz=mean_known(s.gpu_mhz for s in inside), emc_mhz=mean_known(s.emc_mhz for s in inside),
                            temp_max_c=max(temps) if temps else None)

@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from edgemoe.power_log import mean_known
+
 STATUS_OK, STATUS_OOM, STATUS_ERROR = "ok", "oom", "error"
 
 
@@ -127,11 +129,6 @@ SAMPLE_FIELDS = [name for name in FIELDS if name.startswith("samples_")]
 SCALAR_FIELDS = [name for name in FIELDS if name not in SAMPLE_FIELDS]
 
 
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return float(statistics.fmean(values)) if values else None
-
-
 def _sd(values) -> Optional[float]:
     values = [v for v in values if v is not None]
     if not values:
@@ -148,18 +145,18 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
     ts = [r["n_tokens"] / (n / 1e9) if n > 0 else None for r, n in zip(reps, ns)]
     row.samples_ns, row.samples_ts = ns, [t for t in ts if t is not None]
     row.avg_ns, row.stddev_ns = int(round(statistics.fmean(ns))), int(round(_sd(ns)))
-    row.avg_ts, row.stddev_ts = _mean(ts), _sd(ts)
+    row.avg_ts, row.stddev_ts = mean_known(ts), _sd(ts)
 
     ttft = [r["ttft_ms"] for r in reps if r["ttft_ms"] is not None]
     if ttft:
         row.samples_ttft_ms = ttft
-        row.ttft_ms, row.ttft_ms_stddev = _mean(ttft), _sd(ttft)
+        row.ttft_ms, row.ttft_ms_stddev = mean_known(ttft), _sd(ttft)
     row.samples_generated = [r["generated"] for r in reps if r.get("generated")]
     tpot = [r["tpot_ms"] for r in reps if r["tpot_ms"]]
     if tpot:
         row.samples_tpot_ms = tpot
         per_rep = [statistics.fmean(t) for t in tpot]
-        row.tpot_ms, row.tpot_ms_stddev = _mean(per_rep), _sd(per_rep)
+        row.tpot_ms, row.tpot_ms_stddev = mean_known(per_rep), _sd(per_rep)
         pooled = np.concatenate([np.asarray(t, dtype=np.float64) for t in tpot])
         row.tpot_p50_ms = float(np.percentile(pooled, 50))
         row.tpot_p90_ms = float(np.percentile(pooled, 90))
@@ -169,7 +166,7 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
         row.hit_rate = hits / (hits + misses) if hits + misses else None
         for name in ("hits", "misses", "prefetch_hits", "bytes_read", "read_ms", "stall_ms", "prefetch_issued",
                      "prefetch_wasted"):
-            setattr(row, name, _mean([r.get(name) for r in reps]))
+            setattr(row, name, mean_known([r.get(name) for r in reps]))
         predicted = sum(r.get("pred_predicted", 0) for r in reps)
         actual = sum(r.get("pred_actual", 0) for r in reps)
         correct = sum(r.get("pred_correct", 0) for r in reps)
@@ -195,25 +192,25 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
         row.tokens_per_s = sum(r["decode_tokens"] for r in reps) / (ms / 1e3) if ms > 0 else None
         if tpot:
             row.latency_p50_ms, row.latency_p95_ms = float(np.percentile(pooled, 50)), float(np.percentile(pooled, 95))
-        row.unique_experts_per_step = _mean([r["unique_experts_per_step"] for r in reps])
+        row.unique_experts_per_step = mean_known([r["unique_experts_per_step"] for r in reps])
         row.samples_generated = [g for r in reps for g in r["streams_generated"]]
 
     tel = [r["telemetry"] for r in reps]
-    row.disk_read_bytes = _mean([t["disk_read_bytes"] for t in tel])
-    row.cpu_user_s = _mean([t["cpu_user_s"] for t in tel])
-    row.cpu_system_s = _mean([t["cpu_system_s"] for t in tel])
+    row.disk_read_bytes = mean_known([t["disk_read_bytes"] for t in tel])
+    row.cpu_user_s = mean_known([t["cpu_user_s"] for t in tel])
+    row.cpu_system_s = mean_known([t["cpu_system_s"] for t in tel])
     row.power_source = next((t["power_source"] for t in tel if t.get("power_source")), None)
     if any(t.get("power_w") is not None for t in tel):
-        row.power_w = _mean([t["power_w"] for t in tel])
-        row.energy_j = _mean([t.get("energy_j") for t in tel])
-        row.energy_per_token_j = _mean([t["energy_j"] / r["n_tokens"] for t, r in zip(tel, reps)
+        row.power_w = mean_known([t["power_w"] for t in tel])
+        row.energy_j = mean_known([t.get("energy_j") for t in tel])
+        row.energy_per_token_j = mean_known([t["energy_j"] / r["n_tokens"] for t, r in zip(tel, reps)
                                         if t.get("energy_j") is not None and r["n_tokens"]])
         row.rail_energy_per_token_j = _rails_per_token(tel, reps)
     row.temp_max_c = max((t["temp_max_c"] for t in tel if t.get("temp_max_c") is not None), default=None)
     row.nvpmodel = next((t["nvpmodel"] for t in tel if t.get("nvpmodel")), None)
-    row.cpu_mhz = _mean([t.get("cpu_mhz") for t in tel])
-    row.gpu_mhz = _mean([t.get("gpu_mhz") for t in tel])
-    row.emc_mhz = _mean([t.get("emc_mhz") for t in tel])
+    row.cpu_mhz = mean_known([t.get("cpu_mhz") for t in tel])
+    row.gpu_mhz = mean_known([t.get("gpu_mhz") for t in tel])
+    row.emc_mhz = mean_known([t.get("emc_mhz") for t in tel])
 
 
 def _rails_per_token(tel: List[dict], reps: List[dict]) -> Optional[str]:
