@@ -190,3 +190,18 @@ def test_a_user_tree_with_another_llama_h_is_refused_naming_the_difference(tmp_p
                        if b"LLAMA_API int32_t llama_n_ctx_seq" in pinned else pinned + b"\nint x;\n")
     diff = ns["llama_h_difference"](header, sdist_dir)
     assert diff and "lines differ" in diff and ("int64_t" in diff or "int x;" in diff), diff
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run is the README's second command, character for character, and that command ends
+    with every suite: pytest, the native sanitizer tests, the fuzzer and the aarch64 run."""
+    blocks = re.findall(r"```sh\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    test_command = next(b for b in blocks if "pytest" in b)
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [test_command]
+    for step in ("python -m pytest -q tests", "bash native/tests/run.sh", "bash native/fuzz/run.sh 60",
+                 "bash native/cross/aarch64.sh"):
+        assert step in test_command
+    for script in ("native/tests/run.sh", "native/fuzz/run.sh", "native/cross/aarch64.sh"):
+        assert (REPO / script).exists()
