@@ -79,6 +79,9 @@ typedef struct edgemoe_options {
     int32_t pool;            // enum edgemoe_pool: where the slots live
     bool    repack;          // host pools: repack slots where ggml's CPU backend repacks the weight
                              // type (stock's kernels, as llama.cpp's loader does); false: plain
+    bool    hybrid;          // a ubatch that fits in one wave computes the experts not ready in
+                             // the pool on the CPU (from the model's mapped tensors) instead of
+                             // waiting for their reads, which go on behind for later tokens
 } edgemoe_options;
 
 typedef struct edgemoe_stats {
@@ -98,6 +101,7 @@ typedef struct edgemoe_stats {
     double   book_ms;         // the cache's own work in those steps, waits and prediction excluded
     double   predict_ms;      // the lookahead predictor's work (charged to the layer it runs in)
     double   convert_ms;      // of read_ms: repacking slots (host pools) or uploading them (VRAM)
+    uint64_t cpu_uses;        // hybrid: expert uses computed on the CPU (counted in misses)
 } edgemoe_stats;
 
 typedef struct edgemoe_model_info {

@@ -61,6 +61,7 @@ bool provider_bind(void * user, int32_t il, const ggml_tensor * up, const ggml_t
     out->gate_up = slots[ROLE_GATE_UP];
     out->n_slots = n_slots;
     out->unit    = unit;
+    out->hybrid  = cache_of(user)->hybrid();
     return true;
 }
 
@@ -116,6 +117,24 @@ void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
     w->cache->op_mask(dst, *w);
 }
 
+void op_cpu_ids(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
+    w->cache->op_cpu_ids(dst, *w);
+}
+
+void op_cpu_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) nth;
+    if (ith != 0) {
+        return;
+    }
+    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
+    w->cache->op_cpu_mask(dst, *w);
+}
+
 } // namespace
 
 extern "C" {
@@ -137,6 +156,7 @@ edgemoe_options edgemoe_default_options(void) {
     o.prefetch_top    = 0;
     o.pool            = EDGEMOE_POOL_HOST;
     o.repack          = true;
+    o.hybrid          = false;
     return o;
 }
 
@@ -240,6 +260,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown pool " + std::to_string(o.pool));
         }
         co.repack = o.repack;
+        co.hybrid = o.hybrid;
         switch (o.io) {
             case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
             case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
@@ -264,6 +285,8 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         c->provider.route     = op_route;
         c->provider.remap     = op_remap;
         c->provider.mask      = op_mask;
+        c->provider.cpu_ids   = op_cpu_ids;
+        c->provider.cpu_mask  = op_cpu_mask;
         c->provider.max_waves = c->impl->max_waves();
         c->provider.ubatch_rows = provider_ubatch_rows;
         *out = c;
@@ -458,6 +481,7 @@ int edgemoe_cache_stats(const edgemoe_cache * cache, int32_t layer, edgemoe_stat
         out->book_ms         = s.book_ms;
         out->predict_ms      = s.predict_ms;
         out->convert_ms      = s.convert_ms;
+        out->cpu_uses        = s.cpu_uses;
         return (int) EDGEMOE_OK;
     });
 }

@@ -13,6 +13,9 @@
 #include <cstring>
 #include <limits>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 namespace edgemoe {
 
 namespace {
@@ -72,6 +75,7 @@ void layer_stats::add(const layer_stats & o) {
     book_ms += o.book_ms;
     predict_ms += o.predict_ms;
     convert_ms += o.convert_ms;
+    cpu_uses += o.cpu_uses;
 }
 
 std::unique_ptr<expert_cache> expert_cache::create(const std::string & path, const cache_options & opts, std::string * err, int * status) {
@@ -476,6 +480,20 @@ bool expert_cache::bind(int32_t il, const ggml_tensor * up, const ggml_tensor * 
     pool & p = pools_[blocks_[b].pool];
     for (int r = 0; r < ROLE_COUNT; ++r) {
         slots[r] = p.full ? blocks_[b].views[r] : p.tensors[r];
+    }
+    if (opts_.hybrid && !blocks_[b].advised) {
+        // the hybrid's CPU matmuls read the model's own mapping of these tensors, which llama.cpp
+        // marks random-access (lazy tensors): each 4 KiB page would then fault alone, costing
+        // milliseconds per expert on first touch. Normal access maps a page's neighbours with it.
+        for (int r = 0; r < ROLE_COUNT; ++r) {
+            if (given[r] && given[r]->data && given[r]->buffer && ggml_backend_buffer_is_host(given[r]->buffer)) {
+                const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+                const uintptr_t beg = (uintptr_t) given[r]->data / page * page;
+                const uintptr_t end = (uintptr_t) given[r]->data + ggml_nbytes(given[r]);
+                posix_madvise((void *) beg, end - beg, POSIX_MADV_NORMAL);
+            }
+        }
+        blocks_[b].advised = true;
     }
     *n_slots = p.full ? layout_.n_expert : p.n_slots;
     *unit = blocks_[b].unit.get();
@@ -954,6 +972,23 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
         }
     }
 
+    if (opts_.hybrid && w.count == 1) {
+        int32_t n_queued = remap_hybrid(bl, p, st, sel, k, n_tokens, out, now, w.block);
+        n_queued += prefetch_routes(now);
+        if (predictor_) {
+            const auto tp = std::chrono::steady_clock::now();
+            n_queued += predict_ahead(w.block, hidden, now);
+            predict_ms = ms_since(tp);
+        }
+        if (n_queued > 0) {
+            cv_jobs_.notify_all();
+        }
+        st.steps++;
+        st.predict_ms += predict_ms;
+        st.book_ms    += std::max(0.0, ms_since(t0) - predict_ms);
+        return;
+    }
+
     const int64_t first = (int64_t) w.index*p.n_slots;
     const int64_t last  = std::min<int64_t>(first + p.n_slots, (int64_t) bl.distinct.size());
     // pin what is resident, claim slots for the rest, then queue the loads
@@ -1146,6 +1181,106 @@ void expert_cache::op_remap(ggml_tensor * dst, const wave_ctx & w) {
     st.book_ms    += std::max(0.0, total_ms - waited_ms - predict_ms);
 }
 
+int32_t expert_cache::remap_hybrid(block & bl, pool & p, layer_stats & st, const int32_t * sel, int64_t k,
+                                   int64_t n_tokens, int32_t * out, uint64_t now, int32_t b) {
+    // a miss is computed on the CPU now and loads behind for later tokens, while the prefetch
+    // queue is shallow: deeper, the storage or the upload is the bottleneck and the expert
+    // stays on the CPU only. Nothing here waits for a read.
+    const size_t max_behind = std::max<size_t>(2*threads_.size(), p.pieces.size());
+    int32_t n_queued = 0;
+    auto & in_pool = bl.uses_sorted; // scratch, per distinct expert
+    in_pool.assign(bl.distinct.size(), 0);
+    for (size_t i = 0; i < bl.distinct.size(); ++i) {
+        const int32_t e = bl.distinct[i];
+        const uint32_t uses = (uint32_t) bl.uses[i];
+        int32_t s = bl.slot_of[e];
+        if (s >= 0 && p.slots[s].failed) {
+            evict(p, s); // an earlier load failed: load it again behind
+            s = -1;
+        }
+        if (s >= 0 && p.slots[s].state == SLOT_READY) {
+            slot & sl = p.slots[s];
+            sl.pin = now;
+            st.hits += uses;
+            if (sl.prefetched) {
+                st.prefetch_hits++;
+                sl.prefetched = false;
+                sl.predicted = false;
+            }
+            p.pol->on_use(s, sl.key, now, uses);
+            in_pool[i] = 1;
+            continue;
+        }
+        st.misses   += uses;
+        st.cpu_uses += uses;
+        if (s < 0 && prefetch_jobs_.size() < max_behind && (s = acquire_slot(p, now, true)) >= 0) {
+            queue_prefetch(p, s, b, e, now, false);
+            p.pol->on_use(s, p.slots[s].key, now, uses);
+            n_queued++;
+        }
+    }
+    // the pool's pairs read their slots; the CPU's pairs get stand-ins that are masked out: k
+    // distinct slots per token (CUDA's mul_mat_id sizes its row maps for one use of an expert
+    // per token), which hold finite weights whatever they hold (pools start zeroed)
+    const int32_t base = p.full ? bl.slot_base : 0;
+    bl.pair_wave.resize(k*n_tokens);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const int32_t * row = sel + t*k;
+        int32_t * dst = out + t*k;
+        for (int64_t j = 0; j < k; ++j) {
+            const bool pooled = in_pool[bl.expert_rank[row[j]]] != 0;
+            dst[j] = pooled ? bl.slot_of[row[j]] - base : -1;
+            bl.pair_wave[t*k + j] = pooled ? 0 : -1;
+        }
+        int32_t c = 0;
+        for (int64_t j = 0; j < k; ++j) {
+            if (dst[j] >= 0) {
+                continue;
+            }
+            while (std::find(dst, dst + k, c) != dst + k) {
+                ++c;
+            }
+            dst[j] = c++;
+        }
+    }
+    return n_queued;
+}
+
+void expert_cache::op_cpu_ids(ggml_tensor * dst, const wave_ctx & w) {
+    const int32_t * sel = (const int32_t *) dst->src[1]->data;
+    int32_t * out = (int32_t *) dst->data;
+    const int64_t n_pairs = ggml_nelements(dst);
+    std::lock_guard<std::mutex> lock(mu_);
+    const block & bl = blocks_[w.block];
+    if (faulted() || (int64_t) bl.pair_wave.size() < n_pairs) {
+        std::fill(out, out + n_pairs, 0); // the graph stops after the fault; any valid id will do
+        return;
+    }
+    // the pool's pairs repeat one of the CPU's experts, which it computes anyway (the CPU's
+    // mul_mat_id takes an expert many times per token); expert 0 when the CPU has none
+    int32_t stand_in = 0;
+    for (int64_t i = 0; i < n_pairs; ++i) {
+        if (bl.pair_wave[i] < 0) {
+            stand_in = sel[i];
+            break;
+        }
+    }
+    for (int64_t i = 0; i < n_pairs; ++i) {
+        out[i] = bl.pair_wave[i] < 0 ? sel[i] : stand_in;
+    }
+}
+
+void expert_cache::op_cpu_mask(ggml_tensor * dst, const wave_ctx & w) {
+    const int64_t n_pairs = ggml_nelements(dst);
+    float * out = (float *) dst->data;
+    std::lock_guard<std::mutex> lock(mu_);
+    const block & bl = blocks_[w.block];
+    const bool known = !faulted() && (int64_t) bl.pair_wave.size() >= n_pairs;
+    for (int64_t i = 0; i < n_pairs; ++i) {
+        out[i] = known && bl.pair_wave[i] < 0 ? 1.0f : 0.0f;
+    }
+}
+
 void expert_cache::judge_predictions(int32_t b) {
     block & bl = blocks_[b];
     layer_stats & st = stats_[bl.layer];
@@ -1278,8 +1413,9 @@ void expert_cache::op_mask(ggml_tensor * dst, const wave_ctx & w) {
     float * out = (float *) dst->data;
     std::lock_guard<std::mutex> lock(mu_);
     const block & bl = blocks_[w.block];
+    const bool known = (int64_t) bl.pair_wave.size() >= n_pairs; // else a fault stopped the remap
     for (int64_t i = 0; i < n_pairs; ++i) {
-        out[i] = bl.pair_wave[i] == w.index ? 1.0f : 0.0f;
+        out[i] = known && bl.pair_wave[i] == w.index ? 1.0f : 0.0f;
     }
 }
 

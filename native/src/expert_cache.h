@@ -40,6 +40,9 @@ struct cache_options {
     int         prefetch_top    = 0;   // predicted experts per token to load, best first (0: half of top-k)
     pool_kind   pool            = pool_kind::host;
     bool        repack          = true;  // host pools: repack where ggml's CPU backend would (stock's kernels)
+    // a one-wave ubatch computes the experts not ready in the pool on the CPU, from the model's
+    // mapped tensors, while their loads go on behind; nothing waits for a read
+    bool        hybrid          = false;
 };
 
 struct layer_stats {
@@ -49,6 +52,7 @@ struct layer_stats {
     uint64_t steps = 0;                // remap steps (one per ubatch and wave)
     double   read_ms = 0.0, stall_ms = 0.0, book_ms = 0.0, predict_ms = 0.0;
     double   convert_ms = 0.0;         // of read_ms: repacking or uploading after the reads
+    uint64_t cpu_uses = 0;             // hybrid: expert uses computed on the CPU (part of misses)
 
     void add(const layer_stats & o);
 };
@@ -96,6 +100,11 @@ public:
     void op_route(ggml_tensor * dst, const wave_ctx & r);
     void op_remap(ggml_tensor * dst, const wave_ctx & w);
     void op_mask(ggml_tensor * dst, const wave_ctx & w);
+    // hybrid blocks: the expert ids the CPU computes (stand-ins for the pool's pairs), and the
+    // mask of the CPU's pairs
+    void op_cpu_ids(ggml_tensor * dst, const wave_ctx & w);
+    void op_cpu_mask(ggml_tensor * dst, const wave_ctx & w);
+    bool hybrid() const { return opts_.hybrid; }
     // the remap's other compute threads: sleep until thread 0 has done the remap
     void remap_wait(wave_ctx & w, int ith);
     void remap_done(wave_ctx & w);
@@ -182,13 +191,14 @@ private:
         int32_t slot_base = 0;                   // full pools: the block's first slot
         std::array<ggml_tensor *, ROLE_COUNT> views {}; // full pools: the block's n_expert slots
         std::vector<int32_t> slot_of;            // expert -> slot or -1
+        bool advised = false;                    // hybrid: the model's mapping of its experts made normal-access
         std::unique_ptr<wave_ctx> unit;          // the block's handle in the graph (route op userdata)
         std::map<std::pair<int32_t, int32_t>, std::unique_ptr<wave_ctx>> waves;
         std::map<int32_t, std::unique_ptr<wave_ctx>> routes_ctx; // per ubatch size
         // the partition of the current ubatch, fixed by wave 0
         std::vector<int32_t> distinct;           // experts, wave order
         std::vector<int32_t> uses;               // per distinct expert
-        std::vector<int32_t> pair_wave;          // per (token, k) pair
+        std::vector<int32_t> pair_wave;          // per (token, k) pair; -1: computed on the CPU (hybrid)
         std::vector<int32_t> expert_rank;        // expert -> index in distinct or -1
         std::vector<std::pair<int, int32_t>> order; // scratch
         std::vector<int32_t> uses_sorted;        // scratch
@@ -235,6 +245,10 @@ private:
     // under mu_: takes slot s's queued prefetch pieces out of their queue; how many, the last in *last
     int32_t unqueue_prefetch(int32_t pool, int32_t s, io_job * last = nullptr);
     int32_t promote_prefetch(int32_t pool, int32_t s);             // under mu_: its queued pieces made demand reads
+    // under mu_: a one-wave hybrid step: ready experts from the pool, the rest on the CPU with
+    // their loads queued behind (as far as the queue allows); writes the slot ids
+    int32_t remap_hybrid(block & bl, pool & p, layer_stats & st, const int32_t * sel, int64_t k, int64_t n_tokens,
+                         int32_t * out, uint64_t now, int32_t b);
     // under mu_: no I/O thread has taken a piece of the slot's load (it can still be cancelled)
     static bool load_untouched(const pool & p, const slot & sl) {
         return sl.reading == 0 && sl.pieces_left == (int32_t) p.pieces.size();

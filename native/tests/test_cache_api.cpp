@@ -41,6 +41,7 @@ void test_defaults() {
     CHECK_EQ(o.prefetch_top, 0);
     CHECK_EQ(o.pool, EDGEMOE_POOL_HOST);
     CHECK(o.repack);
+    CHECK(!o.hybrid);
 }
 
 // create with one option changed: the status, and the message names the option
