@@ -82,6 +82,7 @@ class edgemoe_options(ctypes.Structure):
         ("prefetch_top", ctypes.c_int32),
         ("pool", ctypes.c_int32),
         ("repack", ctypes.c_bool),
+        ("hybrid", ctypes.c_bool),
     ]
 
 
@@ -121,6 +122,7 @@ class edgemoe_stats(ctypes.Structure):
         ("book_ms", ctypes.c_double),
         ("predict_ms", ctypes.c_double),
         ("convert_ms", ctypes.c_double),
+        ("cpu_uses", ctypes.c_uint64),
     ]
 
 

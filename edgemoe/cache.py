@@ -51,6 +51,7 @@ class CacheStats:
     book_ms: float = 0.0
     predict_ms: float = 0.0
     convert_ms: float = 0.0  # of read_ms: repacking (host pools) or uploading (VRAM) the slots
+    cpu_uses: int = 0        # hybrid: expert uses computed on the CPU (counted in misses)
 
     @property
     def hit_rate(self) -> Optional[float]:
@@ -137,6 +138,10 @@ class ExpertCache:
             (0: half of the model's top-k).
         repack: host pools hold quantized experts repacked where ggml's CPU backend repacks the
             weight type, as llama.cpp's loader does for stock (False: llama.cpp's --no-repack).
+        hybrid: a ubatch that fits in one wave computes the experts not ready in the pool on the
+            CPU, from the model's mapped tensors, instead of waiting for their reads (which go on
+            behind for later tokens). Exact on host pools of types the CPU does not repack; on a
+            GPU the CPU's kernels round differently from CUDA's.
         pool: where the slots live and so where the expert matmuls run: "host" (the CPU),
             "gpu" (VRAM on a discrete GPU, pinned host memory read in place on an integrated
             one), "vram" or "mapped" (either, forced).
@@ -144,7 +149,7 @@ class ExpertCache:
 
     def __init__(self, model_path, budget: Budget, policy: str = "default", io: str = "direct",
                  n_io_threads: int = 0, quiet: bool = False, prefetch: str = "off", lookahead: int = 1,
-                 prefetch_top: int = 0, pool: str = "host", repack: bool = True):
+                 prefetch_top: int = 0, pool: str = "host", repack: bool = True, hybrid: bool = False):
         self._handle: Optional[int] = None  # close() must work however far __init__ got
         self._attached = False
         if policy not in B.POLICIES:
@@ -171,6 +176,7 @@ class ExpertCache:
         opts.prefetch_top = prefetch_top
         opts.pool = B.POOLS[pool]
         opts.repack = repack
+        opts.hybrid = hybrid
         handle = B.edgemoe_cache_p()
         status = B.edgemoe_cache_create(_encode_path(model_path), ctypes.byref(opts), ctypes.byref(handle))
         if prefetch == "auto" and status == B.EDGEMOE_ERR_INVALID_ARG and \

@@ -185,6 +185,9 @@ class Engine:
             can (Q4_0, Q4_K, IQ4_NL on AVX2; Q8_0 too on Arm): llama.cpp's default, which the
             cache's host pools follow, so cached experts use stock's kernels. False is
             llama.cpp's --no-repack, for the model's weights and the pools alike.
+        hybrid: with a cache, a ubatch that fits in one wave computes the experts not ready in
+            the pool on the CPU, from the model's mapped weights, while their reads go on behind
+            instead of waiting for them. Meant for a VRAM pool, whose misses wait for PCIe copies.
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], expert_cache: Union[None, str, int, Budget] = None,
@@ -194,7 +197,7 @@ class Engine:
                  notice: Optional[Callable[[str], None]] = None, kv_type: str = "f16",
                  prefetch: str = "off", lookahead: int = 1, prefetch_top: int = 0, n_parallel: int = 1,
                  kv_unified: bool = True, expert_pool: str = "auto", n_cpu_moe: int = 0, n_io_threads: int = 0,
-                 repack: bool = True):
+                 repack: bool = True, hybrid: bool = False):
         global _backend_ready
         self._model = None
         self._ctx = None
@@ -226,6 +229,8 @@ class Engine:
         if n_cpu_moe < 0:
             raise InvalidArgumentError(f"n_cpu_moe must be 0 or more, not {n_cpu_moe}")
         budget = parse_budget(expert_cache)
+        if hybrid and budget is None:
+            raise InvalidArgumentError("hybrid computes the expert cache's misses on the CPU: it needs a cache")
         if budget is not None and n_cpu_moe:
             raise InvalidArgumentError("n_cpu_moe places experts without a cache (llama.cpp's --n-cpu-moe); "
                                        "with a cache, the expert pool decides where they are")
@@ -260,7 +265,7 @@ class Engine:
                                               prefetch=prefetch, lookahead=lookahead,
                                               prefetch_top=prefetch_top,
                                               pool=resolve_pool(expert_pool, n_gpu_layers),
-                                              n_io_threads=n_io_threads, repack=repack)
+                                              n_io_threads=n_io_threads, repack=repack, hybrid=hybrid)
                 except NoExpertsError:
                     self._notice(f"notice: {os.path.basename(self.model_path)} has no routed experts "
                                  f"(dense model); running without an expert cache")
