@@ -14,7 +14,9 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
                 (--io buffered, the file read once before), cold ones with O_DIRECT. Rows
                 that vary the warm VRAM row: each expert read whole by one I/O thread (the loads
                 before pieces), 1 MiB pieces, twice the I/O threads, and copies from a mapping
-                (--io mmap) instead of pread.
+                (--io mmap) instead of pread. "hybrid" rows compute the experts not ready in
+                VRAM on the CPU from the mapped file while their loads go on behind
+                (Engine(hybrid=True)); its "CPU share" is the share of expert uses the CPU computed.
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
@@ -66,7 +68,10 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
         (f"edgemoe vram {pct} warm, 1 MiB pieces", vram, False, SMALL),
         (f"edgemoe vram {pct} warm, {2 * io_threads} I/O threads", dict(vram, n_io_threads=2 * io_threads), False, {}),
         (f"edgemoe vram {pct} warm, mmap", dict(vram, io="mmap"), False, {}),
+        (f"edgemoe vram {pct} warm, hybrid", dict(vram, hybrid=True), False, {}),
+        (f"edgemoe vram {pct} warm, hybrid, prefetch off", dict(vram, hybrid=True, prefetch="off"), False, {}),
         (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True, {}),
+        (f"edgemoe vram {pct} cold, hybrid", dict(cache, expert_pool="vram", io="direct", hybrid=True), True, {}),
         (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False, {}),
         (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False, {}),
     ]
@@ -92,7 +97,10 @@ def child(spec: dict) -> dict:
             tps.append(1000.0 / s.tpot_ms)
         stats = e.stats()
         decode = dataclasses.asdict(stats.per_token) if stats.per_token else None  # where a step's time went
+        cs = e.cache.stats() if e.cache else None
+        cpu_share = cs.cpu_uses / max(1, cs.hits + cs.misses) if cs else None
         return dict(tokens_per_s=sum(tps) / len(tps), tpot_ms=sum(tpot) / len(tpot), vram_bytes=vram,
+                    cpu_share=cpu_share,
                     load_s=load_s, texts=texts, hit_rate=stats.hit_rate, expert_pool=stats.expert_pool,
                     bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])), decode=decode)
 
@@ -114,6 +122,9 @@ def run(args) -> list:
     if out:
         out.write(json.dumps(dict(head=head)) + "\n")
     for label, kw, cold, env in configs(info.n_moe_layer, args.budget, args.io_threads):
+        # the report compares with gpu-all and n-cpu-moe: they always run
+        if args.rows and label != "gpu-all" and not label.startswith("n-cpu-moe") and label not in args.rows:
+            continue
         if cold:
             drop_file_pages(model)
         else:
@@ -143,19 +154,20 @@ def report(lines: list) -> str:
     out = [f"{head['gpu']}; {Path(head['model']).name}: {head['file_bytes'] / 1e9:.2f} GB, "
            f"{head['n_moe_layer']} MoE layers x {head['n_expert']} experts, top-{head['n_expert_used']}; "
            f"{head['prompts']} prompts x {head['n_gen']} greedy tokens; {head['io_threads']} I/O threads", "",
-           "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | read MB/token | same text as gpu-all "
-           "| as n-cpu-moe |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+           "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | CPU share | read MB/token "
+           "| same text as gpu-all | as n-cpu-moe |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | | |")
+            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | | | |")
             continue
         same = sum(a == b for a, b in zip(r["texts"], ref["texts"]))
         same_ncpu = sum(a == b for a, b in zip(r["texts"], ncpu["texts"]))
         hit = f"{r['hit_rate']:.2f}" if r.get("hit_rate") is not None else "-"
         read = f"{r['bytes_read_per_token'] / 1e6:.0f}" if r.get("expert_pool") else "-"
+        cpu = f"{r['cpu_share']:.2f}" if r.get("cpu_share") else "-"
         out.append(f"| {r['label']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / ncpu['tokens_per_s']:.2f}x | "
-                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {read} | {same}/{len(r['texts'])} | "
+                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {cpu} | {read} | {same}/{len(r['texts'])} | "
                    f"{same_ncpu}/{len(r['texts'])} |")
     return "\n".join(out)
 
@@ -168,6 +180,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--rows", type=lambda s: s.split(";"), metavar="LABEL;LABEL",
+                    help="run only these configurations (besides gpu-all and n-cpu-moe), by label")
     ap.add_argument("--out", help="JSON lines: a head line, then a row per configuration")
     ap.add_argument("--report", metavar="JSONL", help="print the markdown table of an earlier --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)

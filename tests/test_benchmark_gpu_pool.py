@@ -25,10 +25,19 @@ def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_c
     assert all(kw.get("expert_cache") == pct for label, kw in rows.items() if label.startswith("edgemoe"))
 
 
-def test_only_the_cold_row_reads_with_o_direct():
+def test_only_the_cold_rows_read_with_o_direct():
     cold = [(label, kw) for label, kw, is_cold, _ in gp.configs(8, 0.25, 8) if is_cold]
-    assert [label for label, _ in cold] == ["edgemoe vram 25% cold"]
-    assert cold[0][1]["io"] == "direct"
+    assert [label for label, _ in cold] == ["edgemoe vram 25% cold", "edgemoe vram 25% cold, hybrid"]
+    assert all(kw["io"] == "direct" for _, kw in cold)
+    assert [kw.get("hybrid", False) for _, kw in cold] == [False, True]
+
+
+def test_the_hybrid_rows_vary_only_the_hybrid_switch_and_prefetch():
+    rows = {label: kw for label, kw, _, _ in gp.configs(8, 0.25, 8)}
+    warm = rows["edgemoe vram 25% warm"]
+    assert rows["edgemoe vram 25% warm, hybrid"] == dict(warm, hybrid=True)
+    assert rows["edgemoe vram 25% warm, hybrid, prefetch off"] == dict(warm, hybrid=True, prefetch="off")
+    assert sum(kw.get("hybrid", False) for kw in rows.values()) == 3
 
 
 def test_only_the_piece_rows_change_the_piece_size():
@@ -45,10 +54,13 @@ def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
                  expert_pool=None),
             dict(label="edgemoe vram 25% warm", tokens_per_s=25.0, vram_bytes=2e9, texts=["a", "b"], hit_rate=0.5,
                  expert_pool="vram", bytes_read_per_token=4e6),
+            dict(label="edgemoe vram 25% warm, hybrid", tokens_per_s=75.0, vram_bytes=2e9, texts=["a", "c"],
+                 hit_rate=0.6, expert_pool="vram", bytes_read_per_token=3e6, cpu_share=0.4),
             dict(label="edgemoe mapped 25% warm", error=["boom"])]
     table = gp.report([dict(head=head)] + rows)
     lines = table.splitlines()
-    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | 2/2 | 1/2 |" in lines
-    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | 1/2 | 2/2 |" in lines
-    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | 4 | 2/2 | 1/2 |" in lines
+    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | - | 2/2 | 1/2 |" in lines
+    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | - | 1/2 | 2/2 |" in lines
+    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | - | 4 | 2/2 | 1/2 |" in lines
+    assert "| edgemoe vram 25% warm, hybrid | 75.00 | 1.50x | 2.00 | 0.60 | 0.40 | 3 | 1/2 | 2/2 |" in lines
     assert any(line.startswith("| edgemoe mapped 25% warm | error: boom") for line in lines)
