@@ -182,6 +182,41 @@ def test_gpu_pool_prefetch_is_exact(tiny_models, prefetch):
     assert stats.prefetch_issued > 0
 
 
+# hybrid: the CPU's kernels on the experts it computes, relative to the largest logit
+HYBRID_BOUND = 1e-3
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "olmoe", "qwen3moe-q8_0"])
+def test_gpu_pool_hybrid_decode_is_close_to_experts_in_vram(tiny_models, arch):
+    """Hybrid decode computes the experts not ready in VRAM on the CPU: CPU kernels for those,
+    so the logits equal stock -ngl 99 only to rounding (measured: 2.5e-4 of the largest logit
+    for F32 experts, exact for Q8_0), within HYBRID_BOUND, with the same greedy tokens. At
+    100 % every expert is ready after its first load, and the CPU computed some uses."""
+    path = str(tiny_models[arch])
+    ref, _ = _run(path, None, 1)
+    scale = float(np.abs(ref).max())
+    for budget in ("100%", "50%", gpu_min(path)):
+        got, _ = _run(path, budget, 1, pool="vram", hybrid=True)
+        diff = float(np.abs(ref - got).max())
+        print(f"{arch} hybrid budget {budget}: vram+cpu vs stock max |diff| {diff:.3g} of {scale:.3g}")
+        assert diff <= HYBRID_BOUND * scale, diff
+        assert np.array_equal(ref.argmax(-1), got.argmax(-1))
+
+
+def test_gpu_pool_hybrid_counts_cpu_uses(tiny_models):
+    from edgemoe.engine import Engine
+
+    path = str(tiny_models["qwen3moe"])
+    with Engine(path, expert_cache=gpu_min(path), n_gpu_layers=99, n_threads=N_THREADS, n_ctx=256,
+                expert_pool="vram", hybrid=True) as e:
+        e.eval([300])
+        for t in range(301, 317):
+            e.eval([t])
+        cs = e.cache.stats()
+    assert 0 < cs.cpu_uses <= cs.misses
+    assert cs.stall_ms == 0
+
+
 @pytest.mark.parametrize("arch", ["qwen3moe", "olmoe"])
 def test_gpu_pool_many_sequences(tiny_models, arch):
     """Several sequences a step through the VRAM pool, against stock -ngl 99: exact at 100 %,
