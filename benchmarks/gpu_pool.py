@@ -58,6 +58,9 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
     keep = round(budget * n_moe_layer)  # layers whose experts stay in VRAM at equal VRAM
     cache = dict(expert_cache=pct, prefetch="auto", n_io_threads=io_threads)
     vram = dict(cache, expert_pool="vram", io="buffered")
+    # hybrid: the I/O threads' copies take cores from the compute threads, whose barriers then
+    # wait for a descheduled thread; these rows leave half the cores to I/O
+    half = max(1, (os.cpu_count() or 2) // 2)
     return [
         ("gpu-all", dict(), False, {}),
         (f"n-cpu-moe {n_moe_layer - keep}", dict(n_cpu_moe=n_moe_layer - keep), False, {}),
@@ -70,8 +73,11 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
         (f"edgemoe vram {pct} warm, mmap", dict(vram, io="mmap"), False, {}),
         (f"edgemoe vram {pct} warm, hybrid", dict(vram, hybrid=True), False, {}),
         (f"edgemoe vram {pct} warm, hybrid, prefetch off", dict(vram, hybrid=True, prefetch="off"), False, {}),
+        (f"edgemoe vram {pct} warm, hybrid, {half} compute threads", dict(vram, hybrid=True, n_threads=half), False, {}),
         (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True, {}),
         (f"edgemoe vram {pct} cold, hybrid", dict(cache, expert_pool="vram", io="direct", hybrid=True), True, {}),
+        (f"edgemoe vram {pct} cold, hybrid, {half} compute threads",
+         dict(cache, expert_pool="vram", io="direct", hybrid=True, n_threads=half), True, {}),
         (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False, {}),
         (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False, {}),
     ]
