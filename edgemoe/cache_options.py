@@ -30,11 +30,16 @@ _OPTIONS = (
                  help="Repack quantized weights for ggml's faster CPU kernels where it can (Q4_0, Q4_K, IQ4_NL; "
                       "Q8_0 on Arm), as llama.cpp does; the cache's host pools then hold repacked slots. "
                       "--no-repack is llama.cpp's."),
+    click.option("--hybrid", is_flag=True,
+                 help="Decode steps compute the experts not ready in the cache's pool on the CPU, from the "
+                      "model's mapped weights, while their reads go on behind, instead of waiting for them. "
+                      "Pays where misses come from storage (cold) to a GPU pool; measured in BENCHMARKS.md. "
+                      "Needs a cache."),
 )
 
 
 def cache_options(f):
-    """Adds --expert-cache, --policy, --io, --prefetch, --expert-pool and --repack to a click command."""
+    """Adds --expert-cache, --policy, --io, --prefetch, --expert-pool, --repack and --hybrid to a click command."""
     for option in reversed(_OPTIONS):
         f = option(f)
     return f

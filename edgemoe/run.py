@@ -101,7 +101,7 @@ def _format(value) -> str:
 @interruptible_command  # Ctrl-C, SIGTERM: the --stats-json temporary file removed, 130 or 143
 def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: int, threads: Optional[int],
         ctx_size: int, batch_size: int, ubatch_size: int, n_gpu_layers: int, temp: float, seed: Optional[int],
-        expert_cache: str, policy: str, io: str, prefetch: str, expert_pool: str, repack: bool, lookahead: int, prefetch_top: int,
+        expert_cache: str, policy: str, io: str, prefetch: str, expert_pool: str, repack: bool, hybrid: bool, lookahead: int, prefetch_top: int,
         show_stats: bool, stats_json: Optional[str], verbose: bool, interactive: bool,
         system: Optional[str]) -> None:
     """Generate text from PROMPT, streaming it to stdout; with -i, chat."""
@@ -129,7 +129,7 @@ def run(ctx: click.Context, model_path: Optional[str], prompt: str, n_predict: i
                         n_ctx=ctx_size, n_batch=batch_size, n_ubatch=ubatch_size,
                         n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose, prefetch=prefetch,
                         lookahead=lookahead, prefetch_top=prefetch_top, expert_pool=expert_pool,
-                        repack=repack)
+                        repack=repack, hybrid=hybrid)
         if interactive:
             _chat(engine, model_path, first, system, n_predict, temp, seed, show_stats, json_out)
             return

@@ -168,3 +168,18 @@ def test_help_and_version(edgemoe_env):
     for flag in ("-m", "-p", "-n", "-t", "-c", "--temp", "--seed", "--expert-cache", "--policy", "--io",
                  "--stats", "--stats-json"):
         assert flag in run_help
+
+
+@needs_cache
+def test_run_hybrid_generates_the_cache_off_text(tiny_models, edgemoe_env):
+    """--hybrid reaches the engine: greedy text equals the cache-off run's (exact on a host pool,
+    tests/test_hybrid.py), and a cache-off hybrid is refused in one line."""
+    path = str(tiny_models["qwen3moe"])
+    args = ["-m", path, "-p", "Hello", "-n", "12", "--temp", "0"]
+    off = _run([*args, "--expert-cache", "off"], edgemoe_env)
+    hybrid = _run([*args, "--expert-cache", "50%", "--hybrid"], edgemoe_env)
+    assert off.returncode == 0 and hybrid.returncode == 0, hybrid.stderr
+    assert hybrid.stdout == off.stdout
+    refused = _run([*args, "--expert-cache", "off", "--hybrid"], edgemoe_env)
+    _assert_one_line_error(refused)
+    assert "needs a cache" in refused.stderr

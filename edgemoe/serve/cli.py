@@ -44,7 +44,7 @@ PER_SEQUENCE_CTX = 2048  # -c's default is this times --parallel
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log and every request.")
 def serve_command(model_path: Optional[str], host: str, port: int, parallel: int, ctx_size: Optional[int],
                   batch_size: int, threads: Optional[int], n_gpu_layers: int, expert_cache: str, policy: str, io: str,
-                  prefetch: str, expert_pool: str, repack: bool, schedule: str, step_seqs: int, max_wait: int, max_queue: int, shutdown_timeout: float, seed: Optional[int],
+                  prefetch: str, expert_pool: str, repack: bool, hybrid: bool, schedule: str, step_seqs: int, max_wait: int, max_queue: int, shutdown_timeout: float, seed: Optional[int],
                   verbose: bool) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
@@ -69,7 +69,8 @@ def serve_command(model_path: Optional[str], host: str, port: int, parallel: int
             model_path = str(default_model_path())
         engine = Engine(model_path, expert_cache=budget, policy=policy, io=io, prefetch=prefetch, n_threads=threads,
                         n_ctx=ctx_size or PER_SEQUENCE_CTX * parallel, n_batch=batch_size, seed=seed,
-                        n_parallel=parallel, verbose=verbose, n_gpu_layers=n_gpu_layers, expert_pool=expert_pool, repack=repack)
+                        n_parallel=parallel, verbose=verbose, n_gpu_layers=n_gpu_layers, expert_pool=expert_pool, repack=repack,
+                        hybrid=hybrid)
         template = _chat_template(model_path)
         generator = BatchGenerator(engine, schedule=schedule, max_queue=max_queue, max_wait=max_wait,
                                    step_seqs=step_seqs or None)
