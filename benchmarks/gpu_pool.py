@@ -51,7 +51,7 @@ WHOLE = {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)}  # pieces of 1 GiB: every exper
 SMALL = {"EDGEMOE_READ_PIECE_KIB": "1024"}  # pieces of 1 MiB instead of 2
 
 
-def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
+def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> list:
     """(label, Engine keyword arguments, cold, environment) for every configuration, in table
     order."""
     pct = f"{round(budget * 100)}%"
@@ -60,7 +60,7 @@ def configs(n_moe_layer: int, budget: float, io_threads: int) -> list:
     vram = dict(cache, expert_pool="vram", io="buffered")
     # hybrid: the I/O threads' copies take cores from the compute threads, whose barriers then
     # wait for a descheduled thread; these rows leave half the cores to I/O
-    half = max(1, (os.cpu_count() or 2) // 2)
+    half = max(1, n_cpus // 2)
     return [
         ("gpu-all", dict(), False, {}),
         (f"n-cpu-moe {n_moe_layer - keep}", dict(n_cpu_moe=n_moe_layer - keep), False, {}),
@@ -127,7 +127,7 @@ def run(args) -> list:
     print(json.dumps(head), file=sys.stderr, flush=True)
     if out:
         out.write(json.dumps(dict(head=head)) + "\n")
-    for label, kw, cold, env in configs(info.n_moe_layer, args.budget, args.io_threads):
+    for label, kw, cold, env in configs(info.n_moe_layer, args.budget, args.io_threads, os.cpu_count() or 2):
         # the report compares with gpu-all and n-cpu-moe: they always run
         if args.rows and label != "gpu-all" and not label.startswith("n-cpu-moe") and label not in args.rows:
             continue

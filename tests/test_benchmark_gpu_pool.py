@@ -16,7 +16,7 @@ import gpu_pool as gp  # noqa: E402
 
 @pytest.mark.parametrize("n_layer, budget, n_cpu", [(8, 0.25, 6), (8, 0.5, 4), (27, 0.25, 20), (48, 0.25, 36)])
 def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_cpu):
-    rows = {label: kw for label, kw, _, _ in gp.configs(n_layer, budget, 8)}
+    rows = {label: kw for label, kw, _, _ in gp.configs(n_layer, budget, 8, 16)}
     assert rows[f"n-cpu-moe {n_cpu}"] == {"n_cpu_moe": n_cpu}
     assert rows["cpu-experts"] == {"n_cpu_moe": n_layer}
     assert rows["gpu-all"] == {}
@@ -26,22 +26,25 @@ def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_c
 
 
 def test_only_the_cold_rows_read_with_o_direct():
-    cold = [(label, kw) for label, kw, is_cold, _ in gp.configs(8, 0.25, 8) if is_cold]
-    assert [label for label, _ in cold] == ["edgemoe vram 25% cold", "edgemoe vram 25% cold, hybrid"]
+    cold = [(label, kw) for label, kw, is_cold, _ in gp.configs(8, 0.25, 8, 16) if is_cold]
+    assert [label for label, _ in cold] == ["edgemoe vram 25% cold", "edgemoe vram 25% cold, hybrid",
+                                            "edgemoe vram 25% cold, hybrid, 8 compute threads"]
     assert all(kw["io"] == "direct" for _, kw in cold)
-    assert [kw.get("hybrid", False) for _, kw in cold] == [False, True]
+    assert [kw.get("hybrid", False) for _, kw in cold] == [False, True, True]
+    assert cold[2][1] == dict(cold[1][1], n_threads=8)
 
 
-def test_the_hybrid_rows_vary_only_the_hybrid_switch_and_prefetch():
-    rows = {label: kw for label, kw, _, _ in gp.configs(8, 0.25, 8)}
+def test_the_hybrid_rows_vary_only_the_hybrid_switch_prefetch_and_threads():
+    rows = {label: kw for label, kw, _, _ in gp.configs(8, 0.25, 8, 16)}
     warm = rows["edgemoe vram 25% warm"]
     assert rows["edgemoe vram 25% warm, hybrid"] == dict(warm, hybrid=True)
     assert rows["edgemoe vram 25% warm, hybrid, prefetch off"] == dict(warm, hybrid=True, prefetch="off")
-    assert sum(kw.get("hybrid", False) for kw in rows.values()) == 3
+    assert rows["edgemoe vram 25% warm, hybrid, 8 compute threads"] == dict(warm, hybrid=True, n_threads=8)
+    assert sum(kw.get("hybrid", False) for kw in rows.values()) == 5
 
 
 def test_only_the_piece_rows_change_the_piece_size():
-    env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8) if e}
+    env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8, 16) if e}
     assert env == {"edgemoe vram 25% warm, whole-expert reads": {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)},
                    "edgemoe vram 25% warm, 1 MiB pieces": {"EDGEMOE_READ_PIECE_KIB": "1024"}}
 
