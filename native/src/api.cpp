@@ -84,15 +84,16 @@ bool abort_on_fault(void * user) {
 }
 
 // ggml's CPU backend calls a custom op on every compute thread (n_tasks only sizes its work
-// buffer), so thread 0 does the work; the barrier after the node holds the others
-
-void op_route(ggml_tensor * dst, int ith, int nth, void * userdata) {
+// buffer), so thread 0 does the work (the cache's method on the op's wave_ctx: the block's
+// route_ctx or a wave's); the barrier after the node holds the others
+template <void (expert_cache::*F)(ggml_tensor *, const wave_ctx &)>
+void op_on_thread0(ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) nth;
     if (ith != 0) {
         return;
     }
-    const wave_ctx * unit = static_cast<const wave_ctx *>(userdata); // from route_ctx
-    unit->cache->op_route(dst, *unit);
+    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
+    (w->cache->*F)(dst, *w);
 }
 
 void op_remap(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -106,33 +107,6 @@ void op_remap(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
     w->cache->op_remap(dst, *w);
     w->cache->remap_done(*w);
-}
-
-void op_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) nth;
-    if (ith != 0) {
-        return;
-    }
-    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
-    w->cache->op_mask(dst, *w);
-}
-
-void op_cpu_ids(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) nth;
-    if (ith != 0) {
-        return;
-    }
-    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
-    w->cache->op_cpu_ids(dst, *w);
-}
-
-void op_cpu_mask(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) nth;
-    if (ith != 0) {
-        return;
-    }
-    const wave_ctx * w = static_cast<const wave_ctx *>(userdata);
-    w->cache->op_cpu_mask(dst, *w);
 }
 
 } // namespace
@@ -282,11 +256,11 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
         c->provider.bind      = provider_bind;
         c->provider.wave      = provider_wave;
         c->provider.route_ctx = provider_route_ctx;
-        c->provider.route     = op_route;
+        c->provider.route     = op_on_thread0<&expert_cache::op_route>;
         c->provider.remap     = op_remap;
-        c->provider.mask      = op_mask;
-        c->provider.cpu_ids   = op_cpu_ids;
-        c->provider.cpu_mask  = op_cpu_mask;
+        c->provider.mask      = op_on_thread0<&expert_cache::op_mask>;
+        c->provider.cpu_ids   = op_on_thread0<&expert_cache::op_cpu_ids>;
+        c->provider.cpu_mask  = op_on_thread0<&expert_cache::op_cpu_mask>;
         c->provider.max_waves = c->impl->max_waves();
         c->provider.ubatch_rows = provider_ubatch_rows;
         *out = c;
