@@ -92,6 +92,7 @@ class EngineStats:
     bytes_read: int = 0
     read_ms: float = 0.0
     stall_ms: float = 0.0
+    cpu_uses: int = 0           # hybrid: expert uses computed on the CPU (part of misses)
     cache_ms: float = 0.0
     predict_ms: float = 0.0
     router_ms: float = 0.0      # the readme router over every token since reset_stats()
@@ -800,7 +801,7 @@ class Engine:
                          prefetch_issued=total.prefetch_issued, prefetch_cancelled=total.prefetch_cancelled,
                          pred_precision=total.pred_precision, pred_recall=total.pred_recall,
                          bytes_read=total.bytes_read, read_ms=total.read_ms, stall_ms=total.stall_ms,
-                         cache_ms=total.book_ms, predict_ms=total.predict_ms,
+                         cpu_uses=total.cpu_uses, cache_ms=total.book_ms, predict_ms=total.predict_ms,
                          expert_cache_bytes=info.budget_bytes, expert_pool=info.pool)
             for il in range(self.n_layer):
                 s: CacheStats = self._cache.stats(il)

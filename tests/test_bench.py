@@ -499,3 +499,16 @@ def test_parallel_flags_refuse_bad_values(model, edgemoe_env):
                            "--schedule", "lottery")
     _assert_one_line_error(_bench(["-m", model, "--parallel", "0"], edgemoe_env), "--parallel")
     _assert_one_line_error(_bench(["-m", model, "--parallel", "2", "-n", "0"], edgemoe_env), "-n above 0")
+
+
+def test_hybrid_rows_count_cpu_uses(model, edgemoe_env):
+    """--hybrid reaches the cache rows (misses computed on the CPU, counted in cpu_uses); the
+    stock row runs without it (a hybrid needs a cache)."""
+    args = ["-m", model, "-p", "0", "-n", "16", "-r", "1", "--expert-cache", "off,25%", "--hybrid", "-o", "json"]
+    rows = _json_rows(_bench(args, edgemoe_env))
+    by_cache = {r["expert_cache"]: r for r in rows}
+    assert by_cache["off"]["hybrid"] is False and by_cache["off"]["cpu_uses"] is None
+    cached = by_cache["25%"]
+    assert cached["hybrid"] is True
+    assert 0 < cached["cpu_uses"] <= cached["misses"]
+    assert cached["stall_ms"] == 0

@@ -49,6 +49,7 @@ class ChildSpec:
     schedule: Optional[str] = None    # and their scheduler
     step_seqs: Optional[int] = None   # sequences a step decodes (None: every ready one)
     repack: bool = True               # ggml's CPU repacking (llama.cpp's --no-repack: False)
+    hybrid: bool = False              # misses computed on the CPU (cache on only)
 
 
 def _notice(msg: str) -> None:
@@ -89,7 +90,8 @@ class _Runner:
                              prefetch_top=spec.prefetch_top,
                              io=spec.io or "direct", n_threads=spec.n_threads, n_ctx=n_ctx,
                              n_batch=spec.n_batch, n_ubatch=spec.n_ubatch, n_gpu_layers=spec.n_gpu_layers,
-                             route_recorder=self.recorder, notice=_notice, repack=spec.repack)
+                             route_recorder=self.recorder, notice=_notice, repack=spec.repack,
+                             hybrid=spec.hybrid)
         self.telemetry = Telemetry(jetson=spec.jetson)
         self.prompts = [self.engine.tokenize(p) for p in spec.prompts]
         self.replay = None
@@ -210,7 +212,7 @@ class _Runner:
                     prefetch_hits=s.prefetch_hits, prefetch_wasted=s.prefetch_wasted,
                     prefetch_issued=s.prefetch_issued, pred_predicted=end["pred_predicted"],
                     pred_correct=end["pred_correct"], pred_actual=end["pred_actual"],
-                    bytes_read=s.bytes_read, read_ms=s.read_ms, stall_ms=s.stall_ms,
+                    bytes_read=s.bytes_read, read_ms=s.read_ms, stall_ms=s.stall_ms, cpu_uses=s.cpu_uses,
                     decode_cpu_s=decode_cpu_s, generated=generated, **decode,
                     peak_rss_bytes=s.peak_rss_bytes, telemetry=asdict(tel))
 
@@ -249,7 +251,7 @@ class _Runner:
                     prefetch_wasted=s.prefetch_wasted, prefetch_issued=s.prefetch_issued,
                     pred_predicted=end["pred_predicted"], pred_correct=end["pred_correct"],
                     pred_actual=end["pred_actual"], bytes_read=s.bytes_read, read_ms=s.read_ms,
-                    stall_ms=s.stall_ms, decode_cpu_s=cpu_s,
+                    stall_ms=s.stall_ms, cpu_uses=s.cpu_uses, decode_cpu_s=cpu_s,
                     generated=[t for j in jobs for t in j.generated],
                     streams_generated=[j.generated for j in jobs],
                     decode_steps=len(decode), decode_tokens=decode_tokens,

@@ -116,6 +116,9 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
               help="ggml's repacking of quantized weights for its faster CPU kernels, stock and cache alike. "
                    "Stock keeps repacked experts in anonymous memory, not the page cache: compare under a "
                    "memory limit with --no-repack (docs/bench.md).")
+@click.option("--hybrid", is_flag=True,
+              help="Cache rows compute the experts not ready in the pool on the CPU while they load behind "
+                   "(run's --hybrid); the rows count those uses in cpu_uses.")
 @click.option("--read-ahead", "read_ahead", type=click.IntRange(min=0), default=None, metavar="KB",
               help="Set the model disk's read-ahead for the run (restored after; needs root). "
                    "Linux's default is 128.")
@@ -138,7 +141,7 @@ def _choices(values: Sequence[str], allowed: Sequence[str], flag: str) -> List[s
 @click.option("-o", "--output", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
 @interruptible_command  # Ctrl-C, SIGTERM: children killed, cgroups removed, read-ahead restored
 def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size, n_gpu_layers, caches,
-          policies, ios, prefetches, lookaheads, prefetch_tops, baseline, mem_limit, cold, no_warmup, preload, repack, read_ahead, prompts_file, routes_file,
+          policies, ios, prefetches, lookaheads, prefetch_tops, baseline, mem_limit, cold, no_warmup, preload, repack, hybrid, read_ahead, prompts_file, routes_file,
           parallels, schedules, step_seqs, seed, fmt) -> None:
     """Benchmark MODEL like llama-bench: every combination of the list-valued settings, each in
     its own process, with expert-cache columns and stock llama.cpp beside it."""
@@ -230,7 +233,7 @@ def bench(models, n_prompt, n_gen, repetitions, threads, batch_size, ubatch_size
                            prompts_name=os.path.basename(prompts_file) if prompts_file else None,
                            routes=os.path.abspath(routes_file) if routes_file else None, jetson=jetson,
                            controller=controller, read_ahead_kb={p: read_ahead_kb(p) for p in model_paths},
-                           repack=repack)
+                           repack=repack, hybrid=hybrid)
             printer = Printer(fmt, sys.stdout, _prototype_rows(configs, opts))
             printer.begin()
 

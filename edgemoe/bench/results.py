@@ -57,6 +57,7 @@ class Row:
     mem_limit: Optional[int] = None
     mem_limit_cgroup: Optional[str] = None   # "v2", "v1", or "none": asked for but not enforced
     cold: bool = False
+    hybrid: bool = False                     # --hybrid: misses computed on the CPU (cache rows)
     read_ahead_kb: Optional[int] = None
     routes: Optional[str] = None             # the replayed trace's file name
     prompts: Optional[str] = None            # the --prompts file's name
@@ -85,6 +86,7 @@ class Row:
     bytes_read: Optional[float] = None
     read_ms: Optional[float] = None
     stall_ms: Optional[float] = None
+    cpu_uses: Optional[float] = None         # --hybrid: expert uses the CPU computed (part of misses)
     prefetch_issued: Optional[float] = None
     prefetch_wasted: Optional[float] = None
     pred_precision: Optional[float] = None   # the lookahead predictor against the actual routes
@@ -165,7 +167,7 @@ def fill_measurements(row: Row, reps: List[dict]) -> None:
         hits, misses = sum(r["hits"] for r in reps), sum(r["misses"] for r in reps)
         row.hit_rate = hits / (hits + misses) if hits + misses else None
         for name in ("hits", "misses", "prefetch_hits", "bytes_read", "read_ms", "stall_ms", "prefetch_issued",
-                     "prefetch_wasted"):
+                     "prefetch_wasted", "cpu_uses"):
             setattr(row, name, mean_known([r.get(name) for r in reps]))
         predicted = sum(r.get("pred_predicted", 0) for r in reps)
         actual = sum(r.get("pred_actual", 0) for r in reps)

@@ -43,6 +43,7 @@ class Options:
         read_ahead_kb: model path -> read-ahead in effect, for the rows.
         repack: ggml's repacking of quantized CPU weights, stock and pools alike (off: llama.cpp's
             --no-repack; stock's repacked experts live in anonymous memory, not the page cache).
+        hybrid: cache rows compute the experts not ready in the pool on the CPU (Engine(hybrid=)).
     """
 
     repetitions: int = 5
@@ -56,6 +57,7 @@ class Options:
     jetson: bool = False
     preload: bool = False
     repack: bool = True
+    hybrid: bool = False
     controller: Optional[MemoryController] = None
     read_ahead_kb: Dict[str, Optional[int]] = field(default_factory=dict)
 
@@ -176,7 +178,8 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                      seed=opts.seed, prompts=opts.prompts,
                      routes=opts.routes if cfg.expert_cache else None, record_routes=opts.record_routes,
                      jetson=opts.jetson, preload=opts.preload, n_parallel=cfg.n_parallel, schedule=cfg.schedule,
-                     step_seqs=cfg.step_seqs, repack=opts.repack)
+                     step_seqs=cfg.step_seqs, repack=opts.repack,
+                     hybrid=opts.hybrid and bool(cfg.expert_cache))
     batches = [dict(reps=[r]) for r in range(opts.repetitions)] if opts.cold else [{}]
     outcomes: List[_ChildOutcome] = []
     for change in batches:
@@ -207,7 +210,7 @@ def run_config(cfg: Config, opts: Options, shared: dict, notice: Callable[[str],
                   prefetch=cfg.prefetch_label if cfg.expert_cache else None,
                   mem_limit=cfg.mem_limit,
                   mem_limit_cgroup=(opts.controller.name if opts.controller else "none") if cfg.mem_limit else None,
-                  cold=opts.cold, read_ahead_kb=opts.read_ahead_kb.get(cfg.model),
+                  cold=opts.cold, hybrid=opts.hybrid and bool(cfg.expert_cache), read_ahead_kb=opts.read_ahead_kb.get(cfg.model),
                   routes=routes_name if first.get("replayed", True) else None,  # auto may turn the cache off
                   prompts=opts.prompts_name, cgroup_peak_bytes=max(peaks) if peaks else None,
                   n_parallel=cfg.n_parallel, schedule=cfg.schedule, step_seqs=cfg.step_seqs)
