@@ -72,6 +72,12 @@ def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> li
         (f"edgemoe vram {pct} warm, {2 * io_threads} I/O threads", dict(vram, n_io_threads=2 * io_threads), False, {}),
         (f"edgemoe vram {pct} warm, mmap", dict(vram, io="mmap"), False, {}),
         (f"edgemoe vram {pct} warm, hybrid", dict(vram, hybrid=True), False, {}),
+        # pinned: the GPU DMAs misses out of the pinned file, so the I/O threads copy nothing
+        (f"edgemoe vram {pct} warm, pinned", dict(vram, io="pinned"), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, prefetch off", dict(vram, io="pinned", prefetch="off"), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, hybrid", dict(vram, io="pinned", hybrid=True), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, hybrid, prefetch off",
+         dict(vram, io="pinned", hybrid=True, prefetch="off"), False, {}),
         (f"edgemoe vram {pct} warm, hybrid, prefetch off", dict(vram, hybrid=True, prefetch="off"), False, {}),
         (f"edgemoe vram {pct} warm, hybrid, {half} compute threads", dict(vram, hybrid=True, n_threads=half), False, {}),
         (f"edgemoe vram {pct} cold", dict(cache, expert_pool="vram", io="direct"), True, {}),

@@ -125,7 +125,7 @@ class ExpertCache:
         model_path: the GGUF the cache reads experts from.
         budget: bytes or a fraction of all expert bytes.
         policy: "default", "lru", "lfu" or "belady".
-        io: "direct", "buffered" or "mmap".
+        io: "direct", "buffered", "mmap" or "pinned" (VRAM pools only).
         n_io_threads: 0 for the native default.
         quiet: suppress the native side's notices on stderr.
         prefetch: "off"; "lookahead": each MoE layer predicts the experts of the next

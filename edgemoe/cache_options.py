@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from edgemoe.bindings import IO_MODES
+
 _OPTIONS = (
     click.option("--expert-cache", "expert_cache", metavar="SIZE|auto|off", default="auto", show_default=True,
                  help="Expert-cache budget: bytes (800MiB, 1.5GiB), a share of expert bytes (25%), auto (from "
@@ -13,8 +15,10 @@ _OPTIONS = (
                  show_default=True,
                  help="Eviction policy; auto: belady for a model with a readme router (its routes are "
                       "known ahead), else default."),
-    click.option("--io", type=click.Choice(["direct", "buffered", "mmap"]), default="direct", show_default=True,
-                 help="How the cache reads experts."),
+    click.option("--io", type=click.Choice(list(IO_MODES)), default="direct", show_default=True,
+                 help="How the cache reads experts. pinned (a VRAM pool): the file mapped and pinned for "
+                      "the GPU, which copies misses out of the page cache itself; the whole file is read "
+                      "into RAM and held there."),
     click.option("--prefetch", type=click.Choice(["auto", "off", "lookahead", "routes"]), default="auto",
                  show_default=True,
                  help="routes: a readme router's routes load ahead in order of first use; lookahead: each MoE "

@@ -154,7 +154,8 @@ class Engine:
             process may use, or turns it off where every expert fits (edgemoe.auto_budget).
         policy: cache policy, "default", "lru", "lfu", "belady", or "auto": belady for a
             model with a readme router whose routes load ahead, else "default".
-        io: backing store of the cache, "direct", "buffered" or "mmap".
+        io: backing store of the cache, "direct", "buffered", "mmap" or "pinned" (a VRAM pool's
+            misses DMA'd by the GPU from the pinned file).
         prefetch: "off"; "lookahead": each MoE layer applies the next `lookahead` layers'
             routers to its input and loads the experts they pick while it computes; "routes":
             a readme router's routes, computed before each decode, load ahead in order of

@@ -183,3 +183,12 @@ def test_run_hybrid_generates_the_cache_off_text(tiny_models, edgemoe_env):
     refused = _run([*args, "--expert-cache", "off", "--hybrid"], edgemoe_env)
     _assert_one_line_error(refused)
     assert "needs a cache" in refused.stderr
+
+
+def test_run_io_pinned_on_a_host_pool_is_refused_in_one_line(tiny_models, edgemoe_env):
+    """--io pinned is the GPU's DMA out of the pinned file into VRAM slots: a host pool says so."""
+    path = str(tiny_models["qwen3moe"])
+    refused = _run(["-m", path, "-p", "Hello", "-n", "4", "--expert-cache", "50%", "--expert-pool", "host",
+                    "--io", "pinned"], edgemoe_env)
+    _assert_one_line_error(refused)
+    assert "io pinned is for a VRAM expert pool" in refused.stderr

@@ -12,13 +12,14 @@ import click
 
 from edgemoe.bench.output import FORMATS
 from edgemoe.bench.params import AUTO, AUTO_OVERHEAD
+from edgemoe.bindings import IO_MODES
 from edgemoe.cpus import default_threads
 from edgemoe.errors import EdgemoeError
 from edgemoe.errors import CliError
 from edgemoe.interrupt import interruptible_command
 
 POLICY_CHOICES = ("default", "lru", "lfu", "belady", "auto")
-IO_CHOICES = ("direct", "buffered", "mmap")
+IO_CHOICES = tuple(IO_MODES)
 PREFETCH_CHOICES = ("auto", "off", "lookahead", "routes")
 SCHEDULES = ("fifo", "expert")  # edgemoe.scheduler.SCHEDULES, without importing numpy at startup
 

@@ -56,6 +56,9 @@ enum edgemoe_io {
     EDGEMOE_IO_DIRECT   = 0, // O_DIRECT pread into aligned buffers; falls back to BUFFERED with a notice
     EDGEMOE_IO_BUFFERED = 1, // pread through the page cache
     EDGEMOE_IO_MMAP     = 2, // memcpy from a private read-only mapping
+    EDGEMOE_IO_PINNED   = 3, // VRAM pools only: the file's read-only mapping pinned for the GPU, whose
+                             // copy engines DMA misses out of the page cache with no CPU copy; the
+                             // whole file is read in and held in RAM while the cache lives
 };
 
 enum edgemoe_pool {

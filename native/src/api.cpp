@@ -239,6 +239,7 @@ int edgemoe_cache_create(const char * model_path, const edgemoe_options * opts, 
             case EDGEMOE_IO_DIRECT:   co.io = io_kind::direct;   break;
             case EDGEMOE_IO_BUFFERED: co.io = io_kind::buffered; break;
             case EDGEMOE_IO_MMAP:     co.io = io_kind::mmap;     break;
+            case EDGEMOE_IO_PINNED:   co.io = io_kind::pinned;   break;
             default: return fail(EDGEMOE_ERR_INVALID_ARG, "unknown io " + std::to_string(o.io));
         }
         if (o.budget_bytes < 0 || (o.budget_bytes == 0 && !(o.budget_fraction > 0.0 && o.budget_fraction <= 1.0))) {

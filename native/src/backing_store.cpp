@@ -146,6 +146,7 @@ const char * io_name(io_kind k) {
         case io_kind::direct:   return "direct";
         case io_kind::buffered: return "buffered";
         case io_kind::mmap:     return "mmap";
+        case io_kind::pinned:   return "pinned";
     }
     return "?";
 }
@@ -198,7 +199,7 @@ bool backing_store::open(const std::string & path, io_kind kind, std::string * e
         *notice = "O_DIRECT is not available on this platform; using buffered reads";
         kind_ = io_kind::buffered;
 #endif
-    } else if (kind == io_kind::mmap) {
+    } else if (kind == io_kind::mmap || kind == io_kind::pinned) {
         void * p = mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_buffered_, 0);
         if (p == MAP_FAILED) {
             *err = "cannot map " + path + ": " + strerror(errno);
@@ -323,6 +324,7 @@ bool backing_store::read(void * dst, uint64_t offset, size_t size, void * bounce
     }
     switch (kind_) {
         case io_kind::mmap:
+        case io_kind::pinned: // the CPU's reads (host pools never pin; a failed pin falls back here)
             return read_mapped(dst, offset, size, err, transient);
         case io_kind::buffered:
             return pread_full(fd_buffered_, dst, offset, size, err, transient);

@@ -11,7 +11,7 @@
 
 namespace edgemoe {
 
-enum class io_kind { direct = 0, buffered = 1, mmap = 2 };
+enum class io_kind { direct = 0, buffered = 1, mmap = 2, pinned = 3 }; // pinned: mmap that a GPU DMAs from
 
 const char * io_name(io_kind k);
 
@@ -29,6 +29,9 @@ public:
     void close();
 
     io_kind kind() const { return kind_; }
+    // the read-only mapping of the whole file (mmap, pinned), else nullptr
+    const uint8_t * mapping() const { return map_; }
+    uint64_t size() const { return size_; }
 
     // Reads size bytes at offset into dst. bounce: DIRECT_ALIGN-aligned scratch of at least
     // bounce_size bytes, used when dst, offset or size is not aligned for O_DIRECT. On failure

@@ -181,6 +181,12 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
         return false;
     }
     memory_.set_repack(opts.repack);
+    if (opts.io == io_kind::pinned && memory_.kind() != pool_kind::vram) {
+        *status = EDGEMOE_ERR_INVALID_ARG;
+        *err = std::string("io pinned is for a VRAM expert pool, whose misses the GPU copies out of the pinned "
+                           "file; this pool is ") + pool_name(memory_.kind());
+        return false;
+    }
     // a GPU pool holds at least one block's experts, so that no ubatch runs in waves there:
     // waves over a GPU pool gave wrong logits in tests (docs/cache.md, GPU pools)
     const bool gpu = memory_.kind() != pool_kind::host;
@@ -237,6 +243,16 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     if (!store_.open(path, opts.io, err, &notice)) {
         *status = EDGEMOE_ERR_IO;
         return false;
+    }
+    if (store_.kind() == io_kind::pinned) {
+        // pinning faults the whole file in (a cold file is read here, once) and holds it in RAM
+        std::string why;
+        if (memory_.pin(store_.mapping(), store_.size(), &why)) {
+            dma_src_ = store_.mapping();
+        } else {
+            notice = "cannot pin " + path + " for " + memory_.device_name() + " (" + why +
+                     "); misses are copied through staging, as with io mmap";
+        }
     }
     if (!notice.empty() && !opts.quiet) {
         fprintf(stderr, "edgemoe: %s\n", notice.c_str());
@@ -1500,6 +1516,14 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
         const bool direct = p.base[r] != nullptr; // the CPU writes this role's slots in place
         uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] + sg.offset : up->staging() + sg.staged;
         const uint64_t offset = rt.file_offset + (uint64_t) job.expert*rt.slice_bytes + sg.offset;
+        if (dma_src_ && !direct) {
+            // the GPU reads the pinned file itself; the stream's wait below ends the piece
+            const auto tc = std::chrono::steady_clock::now();
+            up->upload_pinned(p.tensors[r], job.slot, sg.offset, sg.bytes, dma_src_ + offset);
+            convert_ms += ms_since(tc);
+            bytes += sg.bytes;
+            continue;
+        }
         std::string first_err;
         for (int attempt = 0;; ++attempt) {
             bool transient = false;

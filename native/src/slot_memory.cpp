@@ -16,6 +16,11 @@ namespace {
 // (native/patches/llama.cpp); asked by name so that libedgemoe does not link ggml-cuda
 typedef ggml_backend_buffer_type_t (*mapped_buft_fn)(ggml_backend_dev_t);
 constexpr const char * MAPPED_PROC = "ggml_backend_cuda_mapped_buffer_type";
+// the patch's read-only registration of host memory: nullptr, or CUDA's reason it failed
+typedef const char * (*pin_fn)(void *, size_t);
+typedef void (*unpin_fn)(void *);
+constexpr const char * PIN_PROC   = "ggml_backend_cuda_pin_host_readonly";
+constexpr const char * UNPIN_PROC = "ggml_backend_cuda_unpin_host";
 
 } // namespace
 
@@ -110,6 +115,11 @@ void uploader::upload(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes
     ggml_backend_tensor_set(v, staging_ + src_offset, 0, ggml_nbytes(v));
 }
 
+void uploader::upload_pinned(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes, const void * src) {
+    GGML_ASSERT(backend_); // VRAM pools only
+    ggml_backend_tensor_set_async(backend_, t, src, (size_t) slot*t->nb[2] + offset, bytes);
+}
+
 void uploader::wait() {
     if (backend_) {
         ggml_backend_synchronize(backend_);
@@ -153,6 +163,9 @@ ggml_backend_buffer_type_t slot_memory::repack_type_for(const ggml_tensor * t) {
 }
 
 slot_memory::~slot_memory() {
+    if (pinned_) {
+        unpin_(pinned_);
+    }
     for (auto * b : buffers_) {
         ggml_backend_buffer_free(b);
     }
@@ -185,6 +198,24 @@ bool slot_memory::init(pool_kind kind, std::string * err) {
             return false;
         }
     }
+    return true;
+}
+
+bool slot_memory::pin(const void * p, size_t n, std::string * err) {
+    GGML_ASSERT(!pinned_);
+    ggml_backend_reg_t reg = dev_ ? ggml_backend_dev_backend_reg(dev_) : nullptr;
+    auto pin   = reg ? (pin_fn) ggml_backend_reg_get_proc_address(reg, PIN_PROC) : nullptr;
+    auto unpin = reg ? (unpin_fn) ggml_backend_reg_get_proc_address(reg, UNPIN_PROC) : nullptr;
+    if (!pin || !unpin) {
+        *err = device_name() + " cannot pin host memory (not the patched CUDA backend)";
+        return false;
+    }
+    if (const char * why = pin(const_cast<void *>(p), n)) {
+        *err = why;
+        return false;
+    }
+    pinned_ = const_cast<void *>(p);
+    unpin_  = unpin;
     return true;
 }
 

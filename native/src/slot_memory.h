@@ -34,6 +34,9 @@ public:
     // staging()[src_offset, + bytes) into bytes [offset, + bytes) of slot `slot` of pool tensor
     // t: queued on the stream for VRAM; done at once for a repacked host pool (whole slots only)
     void upload(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes, size_t src_offset);
+    // src (host memory pinned for the device: slot_memory::pin) into the same bytes of a VRAM
+    // slot, queued on the stream: the device's copy engine reads it, the CPU copies nothing
+    void upload_pinned(ggml_tensor * t, int32_t slot, size_t offset, size_t bytes, const void * src);
     void wait(); // every queued upload is done
 
 private:
@@ -64,6 +67,10 @@ public:
     // (its extra buffer types, as llama.cpp's loader picks them), so cached experts run stock's
     // kernels; llama.cpp's --no-repack is repack = false
     void set_repack(bool on) { repack_ = on; }
+    // registers [p, p + n) (read-only memory, such as a file's mapping) with the GPU so that
+    // copies from it are DMA'd; held until this is destroyed. False with CUDA's reason in *err
+    // where the device or build cannot (no patched CUDA backend, no read-only registration)
+    bool pin(const void * p, size_t n, std::string * err);
     // the CPU extra buffer type that would run a mul_mat_id over t, or nullptr
     static ggml_backend_buffer_type_t repack_type_for(const ggml_tensor * t);
 
@@ -74,6 +81,8 @@ private:
     bool repack_ = true;
     std::vector<ggml_backend_buffer_t> buffers_;
     std::vector<std::pair<void *, size_t>> maps_; // anonymous mappings behind host pools
+    void * pinned_ = nullptr;                     // pin()'s range, unpinned at destruction
+    void (*unpin_)(void *) = nullptr;
 };
 
 } // namespace edgemoe

@@ -66,7 +66,10 @@ void test_create_errors() {
     expect_refused(m, [](edgemoe_options & x) { x.policy = 4; }, EDGEMOE_ERR_INVALID_ARG, "unknown policy 4");
     expect_refused(m, [](edgemoe_options & x) { x.policy = -1; }, EDGEMOE_ERR_INVALID_ARG, "unknown policy");
     expect_refused(m, [](edgemoe_options & x) { x.prefetch = 3; }, EDGEMOE_ERR_INVALID_ARG, "unknown prefetch mode 3");
-    expect_refused(m, [](edgemoe_options & x) { x.io = 3; }, EDGEMOE_ERR_INVALID_ARG, "unknown io 3");
+    expect_refused(m, [](edgemoe_options & x) { x.io = 4; }, EDGEMOE_ERR_INVALID_ARG, "unknown io 4");
+    // the GPU DMAs from a pinned file only into VRAM slots: a host pool cannot use it
+    expect_refused(m, [](edgemoe_options & x) { x.io = EDGEMOE_IO_PINNED; }, EDGEMOE_ERR_INVALID_ARG,
+                   "io pinned is for a VRAM expert pool");
     expect_refused(m, [](edgemoe_options & x) { x.pool = 4; }, EDGEMOE_ERR_INVALID_ARG, "unknown pool 4");
     expect_refused(m, [](edgemoe_options & x) { x.lookahead = -1; }, EDGEMOE_ERR_INVALID_ARG, "lookahead");
     expect_refused(m, [](edgemoe_options & x) { x.lookahead = 9; }, EDGEMOE_ERR_INVALID_ARG, "lookahead must be 0 to 8");
