@@ -75,6 +75,9 @@ def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> li
         # pinned: the GPU DMAs misses out of the pinned file, so the I/O threads copy nothing
         (f"edgemoe vram {pct} warm, pinned", dict(vram, io="pinned"), False, {}),
         (f"edgemoe vram {pct} warm, pinned, prefetch off", dict(vram, io="pinned", prefetch="off"), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, {2 * io_threads} I/O threads",
+         dict(vram, io="pinned", n_io_threads=2 * io_threads), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, whole-expert reads", dict(vram, io="pinned"), False, WHOLE),
         (f"edgemoe vram {pct} warm, pinned, hybrid", dict(vram, io="pinned", hybrid=True), False, {}),
         (f"edgemoe vram {pct} warm, pinned, hybrid, prefetch off",
          dict(vram, io="pinned", hybrid=True, prefetch="off"), False, {}),
