@@ -170,19 +170,22 @@ def report(lines: list) -> str:
            f"{head['n_moe_layer']} MoE layers x {head['n_expert']} experts, top-{head['n_expert_used']}; "
            f"{head['prompts']} prompts x {head['n_gen']} greedy tokens; {head['io_threads']} I/O threads", "",
            "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | CPU share | read MB/token "
-           "| same text as gpu-all | as n-cpu-moe |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+           "| stall ms/token | same text as gpu-all | as n-cpu-moe |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | | | |")
+            out.append(f"| {r['label']} | error: {' '.join(r['error'])} | | | | | | | | |")
             continue
         same = sum(a == b for a, b in zip(r["texts"], ref["texts"]))
         same_ncpu = sum(a == b for a, b in zip(r["texts"], ncpu["texts"]))
         hit = f"{r['hit_rate']:.2f}" if r.get("hit_rate") is not None else "-"
         read = f"{r['bytes_read_per_token'] / 1e6:.0f}" if r.get("expert_pool") else "-"
         cpu = f"{r['cpu_share']:.2f}" if r.get("cpu_share") else "-"
+        # the decode step's wait for its misses (the cache's rows): what the copies cost
+        decode = r.get("decode") or {}
+        stall = f"{decode['stall_ms']:.2f}" if r.get("expert_pool") and "stall_ms" in decode else "-"
         out.append(f"| {r['label']} | {r['tokens_per_s']:.2f} | {r['tokens_per_s'] / ncpu['tokens_per_s']:.2f}x | "
-                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {cpu} | {read} | {same}/{len(r['texts'])} | "
+                   f"{r['vram_bytes'] / 1e9:.2f} | {hit} | {cpu} | {read} | {stall} | {same}/{len(r['texts'])} | "
                    f"{same_ncpu}/{len(r['texts'])} |")
     return "\n".join(out)
 

@@ -40,12 +40,26 @@ def test_the_hybrid_rows_vary_only_the_hybrid_switch_prefetch_and_threads():
     assert rows["edgemoe vram 25% warm, hybrid"] == dict(warm, hybrid=True)
     assert rows["edgemoe vram 25% warm, hybrid, prefetch off"] == dict(warm, hybrid=True, prefetch="off")
     assert rows["edgemoe vram 25% warm, hybrid, 8 compute threads"] == dict(warm, hybrid=True, n_threads=8)
-    assert sum(kw.get("hybrid", False) for kw in rows.values()) == 5
+    assert sum(kw.get("hybrid", False) for kw in rows.values()) == 7
+
+
+def test_the_pinned_rows_change_only_the_io_and_the_named_setting():
+    rows = {label: kw for label, kw, _, _ in gp.configs(8, 0.25, 8, 16)}
+    pinned = dict(rows["edgemoe vram 25% warm"], io="pinned")
+    assert rows["edgemoe vram 25% warm, pinned"] == pinned
+    assert rows["edgemoe vram 25% warm, pinned, prefetch off"] == dict(pinned, prefetch="off")
+    assert rows["edgemoe vram 25% warm, pinned, 16 I/O threads"] == dict(pinned, n_io_threads=16)
+    assert rows["edgemoe vram 25% warm, pinned, whole-expert reads"] == pinned
+    assert rows["edgemoe vram 25% warm, pinned, hybrid"] == dict(pinned, hybrid=True)
+    assert rows["edgemoe vram 25% warm, pinned, hybrid, prefetch off"] == dict(pinned, hybrid=True, prefetch="off")
+    assert sorted(label for label, kw in rows.items() if kw.get("io") == "pinned") == sorted(
+        label for label in rows if ", pinned" in label)
 
 
 def test_only_the_piece_rows_change_the_piece_size():
     env = {label: e for label, _, _, e in gp.configs(8, 0.25, 8, 16) if e}
     assert env == {"edgemoe vram 25% warm, whole-expert reads": {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)},
+                   "edgemoe vram 25% warm, pinned, whole-expert reads": {"EDGEMOE_READ_PIECE_KIB": str(1 << 20)},
                    "edgemoe vram 25% warm, 1 MiB pieces": {"EDGEMOE_READ_PIECE_KIB": "1024"}}
 
 
@@ -56,14 +70,14 @@ def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
             dict(label="n-cpu-moe 6", tokens_per_s=50.0, vram_bytes=3e9, texts=["a", "c"], hit_rate=None,
                  expert_pool=None),
             dict(label="edgemoe vram 25% warm", tokens_per_s=25.0, vram_bytes=2e9, texts=["a", "b"], hit_rate=0.5,
-                 expert_pool="vram", bytes_read_per_token=4e6),
+                 expert_pool="vram", bytes_read_per_token=4e6, decode=dict(stall_ms=6.456)),
             dict(label="edgemoe vram 25% warm, hybrid", tokens_per_s=75.0, vram_bytes=2e9, texts=["a", "c"],
                  hit_rate=0.6, expert_pool="vram", bytes_read_per_token=3e6, cpu_share=0.4),
             dict(label="edgemoe mapped 25% warm", error=["boom"])]
     table = gp.report([dict(head=head)] + rows)
     lines = table.splitlines()
-    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | - | 2/2 | 1/2 |" in lines
-    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | - | 1/2 | 2/2 |" in lines
-    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | - | 4 | 2/2 | 1/2 |" in lines
-    assert "| edgemoe vram 25% warm, hybrid | 75.00 | 1.50x | 2.00 | 0.60 | 0.40 | 3 | 1/2 | 2/2 |" in lines
+    assert "| gpu-all | 100.00 | 2.00x | 9.00 | - | - | - | - | 2/2 | 1/2 |" in lines
+    assert "| n-cpu-moe 6 | 50.00 | 1.00x | 3.00 | - | - | - | - | 1/2 | 2/2 |" in lines
+    assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | - | 4 | 6.46 | 2/2 | 1/2 |" in lines
+    assert "| edgemoe vram 25% warm, hybrid | 75.00 | 1.50x | 2.00 | 0.60 | 0.40 | 3 | - | 1/2 | 2/2 |" in lines
     assert any(line.startswith("| edgemoe mapped 25% warm | error: boom") for line in lines)
