@@ -324,7 +324,7 @@ bool backing_store::read(void * dst, uint64_t offset, size_t size, void * bounce
     }
     switch (kind_) {
         case io_kind::mmap:
-        case io_kind::pinned: // the CPU's reads (host pools never pin; a failed pin falls back here)
+        case io_kind::pinned: // not reached by the cache (the GPU copies VRAM pieces itself): as mmap
             return read_mapped(dst, offset, size, err, transient);
         case io_kind::buffered:
             return pread_full(fd_buffered_, dst, offset, size, err, transient);

@@ -29,6 +29,8 @@ public:
     void close();
 
     io_kind kind() const { return kind_; }
+    // pinned, but the GPU refused the pin: the reads are mmap's, and kind() says so
+    void pin_refused() { if (kind_ == io_kind::pinned) kind_ = io_kind::mmap; }
     // the read-only mapping of the whole file (mmap, pinned), else nullptr
     const uint8_t * mapping() const { return map_; }
     uint64_t size() const { return size_; }

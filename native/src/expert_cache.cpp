@@ -247,9 +247,8 @@ bool expert_cache::init(const std::string & path, const cache_options & opts, st
     if (store_.kind() == io_kind::pinned) {
         // pinning faults the whole file in (a cold file is read here, once) and holds it in RAM
         std::string why;
-        if (memory_.pin(store_.mapping(), store_.size(), &why)) {
-            dma_src_ = store_.mapping();
-        } else {
+        if (!memory_.pin(store_.mapping(), store_.size(), &why)) {
+            store_.pin_refused();
             notice = "cannot pin " + path + " for " + memory_.device_name() + " (" + why +
                      "); misses are copied through staging, as with io mmap";
         }
@@ -1509,6 +1508,8 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
     // the bytes must be the file llama.cpp loaded: a replaced or rewritten model is an error.
     // Checked at the start of each burst of reads (two syscalls), not before every piece
     bool ok = !check_file || store_.check_identity(&err);
+    // io pinned: the file's mapping, which the GPU copies from (a pin that failed reads as mmap)
+    const uint8_t * pinned = store_.kind() == io_kind::pinned ? store_.mapping() : nullptr;
     for (int32_t i = pc.first; i < pc.first + pc.count && ok; ++i) {
         const segment & sg = p.segments[i];
         const int r = sg.role;
@@ -1516,16 +1517,9 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
         const bool direct = p.base[r] != nullptr; // the CPU writes this role's slots in place
         uint8_t * dst = direct ? p.base[r] + (uint64_t) job.slot*p.slice[r] + sg.offset : up->staging() + sg.staged;
         const uint64_t offset = rt.file_offset + (uint64_t) job.expert*rt.slice_bytes + sg.offset;
-        if (dma_src_ && !direct) {
-            // the GPU reads the pinned file itself; the stream's wait below ends the piece
-            const auto tc = std::chrono::steady_clock::now();
-            up->upload_pinned(p.tensors[r], job.slot, sg.offset, sg.bytes, dma_src_ + offset);
-            convert_ms += ms_since(tc);
-            bytes += sg.bytes;
-            continue;
-        }
+        const bool from_file = pinned && !direct; // the GPU reads the pinned file: nothing to read here
         std::string first_err;
-        for (int attempt = 0;; ++attempt) {
+        for (int attempt = 0; !from_file; ++attempt) {
             bool transient = false;
             ok = store_.read(dst, offset, sg.bytes, bounce, bounce_size, &err, &transient);
             if (ok && attempt > 0) {
@@ -1549,7 +1543,11 @@ void expert_cache::load(const io_job & job, void * bounce, size_t bounce_size, u
             // VRAM: queued on this thread's own stream, overlapping the next segment's read and
             // the compute; a repacked role: converted here
             const auto tc = std::chrono::steady_clock::now();
-            up->upload(p.tensors[r], job.slot, sg.offset, sg.bytes, sg.staged);
+            if (from_file) {
+                up->upload_pinned(p.tensors[r], job.slot, sg.offset, sg.bytes, pinned + offset);
+            } else {
+                up->upload(p.tensors[r], job.slot, sg.offset, sg.bytes, sg.staged);
+            }
             convert_ms += ms_since(tc);
         }
         bytes += sg.bytes;

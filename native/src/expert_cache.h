@@ -83,8 +83,7 @@ public:
     uint64_t budget_bytes() const { return budget_bytes_; }
     int32_t  n_slots_total() const;
     int32_t  n_pools() const { return (int32_t) pools_.size(); }
-    // what the reads really are: a pin that did not take reads as mmap does
-    io_kind  io() const { return store_.kind() == io_kind::pinned && !dma_src_ ? io_kind::mmap : store_.kind(); }
+    io_kind  io() const { return store_.kind(); }
     policy_kind policy() const { return opts_.policy; }
     pool_kind pool_in_use() const { return memory_.kind(); }
     int32_t n_repacked() const; // pool tensors in a repacked layout
@@ -280,7 +279,6 @@ private:
     cache_options opts_;
     model_layout  layout_;
     backing_store store_;
-    const uint8_t * dma_src_ = nullptr; // io pinned: the file's mapping, pinned for the GPU's copies
     uint64_t      budget_bytes_ = 0;
 
     std::vector<pool>  pools_;
