@@ -73,6 +73,12 @@ PRESETS: Dict[str, Preset] = {
     "tiny": Preset(n_layer=8, hidden=384, n_head=6, n_kv_head=2, head_dim=64, n_expert=64, top_k=8,
                    expert_ff=32, seq_len=512, batch_size=32, steps=2000, lr=3e-3, warmup=100,
                    eval_every=100),
+    # 24 layers x 64 experts of width 32, top-8 (issue 13's depth: DeepSeek-V2-Lite has 26 MoE
+    # layers, Qwen-MoE 24): half the tiny preset's width so the Q8_0 GGUF stays under 40 MB; the
+    # same routing shape, to be inflated to GPU sizes. 24k tokens a step.
+    "deep": Preset(n_layer=24, hidden=128, n_head=2, n_kv_head=1, head_dim=64, n_expert=64, top_k=8,
+                   expert_ff=32, seq_len=512, batch_size=48, steps=500, lr=2e-3, warmup=50,
+                   eval_every=50),
     # the same code on a toy shape, for a CPU smoke test of well under a minute
     "smoke": Preset(n_layer=2, hidden=64, n_head=4, n_kv_head=2, head_dim=16, n_expert=8, top_k=2,
                     expert_ff=32, seq_len=64, batch_size=8, steps=30, lr=3e-3, warmup=5, eval_every=10,
@@ -116,10 +122,10 @@ def eval_windows(stream: np.ndarray, seq_len: int, limit: Optional[int]) -> np.n
 # -- model -----------------------------------------------------------------------------
 
 
-def model_config(p: Preset, vocab_size: int, eot: int):
+def model_config(p: Preset, vocab_size: int, eot: int, experts: str = "auto"):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(
+    config = Qwen3MoeConfig(
         vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.n_layer,
         num_attention_heads=p.n_head, num_key_value_heads=p.n_kv_head, head_dim=p.head_dim,
         num_experts=p.n_expert, num_experts_per_tok=p.top_k, moe_intermediate_size=p.expert_ff,
@@ -129,6 +135,18 @@ def model_config(p: Preset, vocab_size: int, eot: int):
         max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=eot, eos_token_id=eot,
         pad_token_id=eot, use_cache=False)
+    if experts != "auto":  # auto: transformers' choice (grouped_mm where torch has it)
+        config._experts_implementation = experts
+    return config
+
+
+def clear_unwritten_expert_grads(model) -> None:
+    """grouped_mm's backward does not write the weight gradient of an expert that got no token in
+    the batch; deterministic mode fills that unwritten memory with NaN, which clipping would then
+    spread to every weight. That expert's true gradient is zero (it computed nothing)."""
+    for name, t in model.named_parameters():
+        if ".experts." in name and t.grad is not None:
+            t.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def param_groups(model, weight_decay: float):
@@ -202,7 +220,8 @@ def save_checkpoint(model, tokenizer_dir: Path, dest: Path, state: dict) -> None
 
 
 def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, device_name: str,
-          max_minutes: Optional[float], stop_at: Optional[int] = None, log=print) -> dict:
+          max_minutes: Optional[float], stop_at: Optional[int] = None, log=print,
+          experts: str = "auto") -> dict:
     """Runs the preset's schedule; stops early after `stop_at` steps or `max_minutes`."""
     import torch
 
@@ -234,7 +253,7 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint otherwise
-    config = model_config(p, tokenizer.get_vocab_size(), eot)
+    config = model_config(p, tokenizer.get_vocab_size(), eot, experts)
     model = Qwen3MoeForCausalLM(config).to(device)
     model.train()
     n_params = sum(t.numel() for t in model.parameters())
@@ -261,8 +280,12 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
         with autocast():
             outp = model(input_ids=x, labels=x, output_router_logits=True)
         loss = outp.loss
+        if not torch.isfinite(loss.detach()):
+            raise TrainError(f"the loss is not finite at step {step + 1}: the run diverged")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if model.config._experts_implementation == "grouped_mm":
+            clear_unwritten_expert_grads(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens_seen += x.numel()
@@ -280,7 +303,7 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
             history.append(entry)
             log(json.dumps(entry))
             state = {"preset": dataclasses.asdict(p), "seed": seed, "device": _device_name(device),
-                     "torch": torch.__version__, "n_params": n_params, "history": history, **entry}
+                     "experts": model.config._experts_implementation, "torch": torch.__version__, "n_params": n_params, "history": history, **entry}
             if valid_loss < best["valid_loss"]:
                 best = {"valid_loss": valid_loss, "step": step + 1}
                 save_checkpoint(model, tokenizer_dir, out / "best", {**state, "best": best})
@@ -315,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="override the preset's step count")
     ap.add_argument("--max-minutes", type=float, help="stop (and keep the best checkpoint) after this long")
     ap.add_argument("--stop-at", type=int, help="stop after this step; the LR schedule still spans --steps")
+    ap.add_argument("--experts", choices=["auto", "eager", "grouped_mm"], default="auto",
+                    help="transformers' experts implementation (auto: grouped_mm where torch has it)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.steps is not None:
@@ -327,7 +352,8 @@ def main(argv=None) -> int:
         return 1
     try:
         summary = train(preset, args.corpus, args.tokenizer, args.out, args.seed, args.device,
-                        args.max_minutes, args.stop_at, log=lambda s: print(s, flush=True))
+                        args.max_minutes, args.stop_at, log=lambda s: print(s, flush=True),
+                        experts=args.experts)
     except (TrainError, OSError) as e:
         print(f"train_tiny: error: {e}", file=sys.stderr)
         return 1

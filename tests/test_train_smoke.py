@@ -114,3 +114,55 @@ def test_checkpoint_converts_and_matches_torch(smoke_runs, tmp_path):
     t, l = results["torch"], results["llama.cpp"]
     assert t["tokens"] == l["tokens"] and t["windows"] == l["windows"] >= 10
     assert abs(l["ppl"] / t["ppl"] - 1) < 1e-3, (t["ppl"], l["ppl"])
+
+
+def _train_module():
+    sys.path.insert(0, str(MODELS))
+    import train_tiny
+
+    return train_tiny
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
+    """A learning rate far too large: the run stops with TrainError at the step whose loss is not
+    finite, before any checkpoint of NaN weights is written."""
+    import dataclasses
+
+    tt = _train_module()
+    preset = dataclasses.replace(tt.PRESETS["smoke"], lr=1e9, warmup=1)
+    with pytest.raises(tt.TrainError, match="not finite at step"):
+        tt.train(preset, MODELS / "corpus", MODELS / "tokenizer", tmp_path / "r", 1, "cpu", None, log=lambda s: None)
+    assert not (tmp_path / "r" / "best").exists()
+
+
+def test_unwritten_expert_grads_are_cleared_and_others_kept():
+    """grouped_mm leaves a token-less expert's weight gradient unwritten (NaN under deterministic
+    mode): those become 0; a NaN anywhere else stays, so a real divergence is not hidden."""
+    from transformers import Qwen3MoeForCausalLM
+
+    tt = _train_module()
+    model = Qwen3MoeForCausalLM(tt.model_config(tt.PRESETS["smoke"], 64, 0))
+    experts = next(t for n, t in model.named_parameters() if ".experts." in n)
+    other = next(t for n, t in model.named_parameters() if ".experts." not in n)
+    experts.grad = torch.ones_like(experts)
+    experts.grad[1] = float("nan")
+    other.grad = torch.full_like(other, float("nan"))
+    tt.clear_unwritten_expert_grads(model)
+    assert torch.equal(experts.grad[1], torch.zeros_like(experts.grad[1]))
+    assert torch.equal(experts.grad[0], torch.ones_like(experts.grad[0]))
+    assert torch.isnan(other.grad).all()
+
+
+def test_the_deep_preset_is_deep_and_ships_under_40_mb():
+    """24 MoE layers (issue 13's depth) whose Q8_0 GGUF (34 bytes per 32 weights) stays under the
+    shipped models' 40 MB, with every width a whole number of Q8_0 blocks."""
+    from transformers import Qwen3MoeForCausalLM
+
+    tt = _train_module()
+    p = tt.PRESETS["deep"]
+    assert p.n_layer >= 24 and p.n_expert == 64 and p.top_k == 8
+    assert p.hidden % 32 == 0 and p.expert_ff % 32 == 0 and (p.n_head * p.head_dim) % 32 == 0
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(tt.model_config(p, 8192, 0))
+    n = sum(t.numel() for t in model.parameters())
+    assert n * 34 / 32 < 38e6, n
