@@ -1,7 +1,8 @@
 """Experts on the GPU (issue 13): edgemoe's CUDA slot pool against llama.cpp's own placements.
 
-The trained default model (real routing) inflated to --size (8.5 GB: 8 MoE layers of 64 Q8_0
-experts, 16.5 MB each), every layer offloaded (-ngl 99), greedy decoding of -n tokens after each
+A trained model (real routing; --source, the default model unless given) inflated to --size
+(8.5 GB: the default model's 8 MoE layers of 64 Q8_0 experts make 16.5 MB each, the deep
+model's 24 make 5.5 MB), every layer offloaded (-ngl 99), greedy decoding of -n tokens after each
 of --prompts held-out paragraphs. Each configuration runs in its own process:
 
   gpu-all       cache off, every expert in VRAM (stock -ngl 99)
@@ -17,6 +18,8 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
                 (--io mmap) instead of pread. "hybrid" rows compute the experts not ready in
                 VRAM on the CPU from the mapped file while their loads go on behind
                 (Engine(hybrid=True)); its "CPU share" is the share of expert uses the CPU computed.
+                "vram auto" is --expert-cache auto: the pool sized from the GPU's free memory,
+                the cache off where every expert fits.
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
@@ -88,6 +91,8 @@ def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> li
         (f"edgemoe vram {pct} cold, hybrid, {half} compute threads",
          dict(cache, expert_pool="vram", io="direct", hybrid=True, n_threads=half), True, {}),
         (f"edgemoe mapped {pct} warm", dict(cache, expert_pool="mapped", io="buffered"), False, {}),
+        # --expert-cache auto sizes a VRAM pool from the GPU's free memory: off where every expert fits
+        ("edgemoe vram auto, pinned", dict(vram, expert_cache="auto", io="pinned"), False, {}),
         (f"edgemoe host {pct} warm", dict(cache, expert_pool="host", io="buffered"), False, {}),
     ]
 
@@ -117,20 +122,22 @@ def child(spec: dict) -> dict:
         return dict(tokens_per_s=sum(tps) / len(tps), tpot_ms=sum(tpot) / len(tpot), vram_bytes=vram,
                     cpu_share=cpu_share,
                     load_s=load_s, texts=texts, hit_rate=stats.hit_rate, expert_pool=stats.expert_pool,
-                    bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])), decode=decode)
+                    bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])), decode=decode,
+                    auto=e.auto_budget.describe() if e.auto_budget else None)
 
 
 def run(args) -> list:
     from edgemoe.cache import inspect_gpu, inspect_model
 
-    model = ensure_model(Path(args.model), args.size, SOURCE)
+    model = ensure_model(Path(args.model), args.size, Path(args.source))
     info = inspect_model(model)
     gpu = inspect_gpu()
     prompts_file = write_prompts(Path(args.model).with_suffix(".prompts.jsonl"), args.prompts)
     prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
     rows = []
     out = open(args.out, "w") if args.out else None
-    head = dict(model=str(model), file_bytes=model.stat().st_size, expert_bytes=info.expert_bytes,
+    head = dict(model=str(model), source=Path(args.source).name, file_bytes=model.stat().st_size,
+                expert_bytes=info.expert_bytes,
                 n_moe_layer=info.n_moe_layer, n_expert=info.n_expert, n_expert_used=info.n_expert_used,
                 gpu=gpu.description, n_gen=args.n_gen, prompts=len(prompts), io_threads=args.io_threads)
     print(json.dumps(head), file=sys.stderr, flush=True)
@@ -166,7 +173,8 @@ def report(lines: list) -> str:
     rows = lines[1:]
     ref = next(r for r in rows if r["label"] == "gpu-all")
     ncpu = next(r for r in rows if r["label"].startswith("n-cpu-moe"))
-    out = [f"{head['gpu']}; {Path(head['model']).name}: {head['file_bytes'] / 1e9:.2f} GB, "
+    source = f" (inflated from {head['source']})" if head.get("source") else ""
+    out = [f"{head['gpu']}; {Path(head['model']).name}{source}: {head['file_bytes'] / 1e9:.2f} GB, "
            f"{head['n_moe_layer']} MoE layers x {head['n_expert']} experts, top-{head['n_expert_used']}; "
            f"{head['prompts']} prompts x {head['n_gen']} greedy tokens; {head['io_threads']} I/O threads", "",
            "| configuration | decode t/s | vs n-cpu-moe | VRAM GB | hit rate | CPU share | read MB/token "
@@ -194,6 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "benchmarks" / "out" / "tiny-inflated-8.5g.gguf"))
     ap.add_argument("--size", default="8.5GB")
+    ap.add_argument("--source", default=str(SOURCE),
+                    help="the trained model --model is inflated from when absent (default: the default model)")
     ap.add_argument("--budget", type=float, default=0.25, help="share of expert bytes in VRAM")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("-n", "--n-gen", type=int, default=64)

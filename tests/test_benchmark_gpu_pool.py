@@ -22,7 +22,9 @@ def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_c
     assert rows["gpu-all"] == {}
     pct = f"{round(budget * 100)}%"
     assert rows[f"edgemoe vram {pct} warm"]["expert_pool"] == "vram"
-    assert all(kw.get("expert_cache") == pct for label, kw in rows.items() if label.startswith("edgemoe"))
+    assert all(kw.get("expert_cache") == pct for label, kw in rows.items()
+               if label.startswith("edgemoe") and "auto" not in label)
+    assert rows["edgemoe vram auto, pinned"]["expert_cache"] == "auto"
 
 
 def test_only_the_cold_rows_read_with_o_direct():
@@ -52,6 +54,7 @@ def test_the_pinned_rows_change_only_the_io_and_the_named_setting():
     assert rows["edgemoe vram 25% warm, pinned, whole-expert reads"] == pinned
     assert rows["edgemoe vram 25% warm, pinned, hybrid"] == dict(pinned, hybrid=True)
     assert rows["edgemoe vram 25% warm, pinned, hybrid, prefetch off"] == dict(pinned, hybrid=True, prefetch="off")
+    assert rows["edgemoe vram auto, pinned"] == dict(pinned, expert_cache="auto")
     assert sorted(label for label, kw in rows.items() if kw.get("io") == "pinned") == sorted(
         label for label in rows if ", pinned" in label)
 
