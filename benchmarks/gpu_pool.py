@@ -18,7 +18,8 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
                 (--io mmap) instead of pread. "hybrid" rows compute the experts not ready in
                 VRAM on the CPU from the mapped file while their loads go on behind
                 (Engine(hybrid=True)); its "CPU share" is the share of expert uses the CPU computed.
-                "vram auto" is --expert-cache auto: the pool sized from the GPU's free memory,
+                The pinned rows also vary the lookahead predictor's reach (two layers ahead;
+                all 8 predicted experts instead of 4). "vram auto" is --expert-cache auto: the pool sized from the GPU's free memory,
                 the cache off where every expert fits.
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
@@ -81,6 +82,9 @@ def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> li
         (f"edgemoe vram {pct} warm, pinned, {2 * io_threads} I/O threads",
          dict(vram, io="pinned", n_io_threads=2 * io_threads), False, {}),
         (f"edgemoe vram {pct} warm, pinned, whole-expert reads", dict(vram, io="pinned"), False, WHOLE),
+        # the lookahead predictor's reach: two layers ahead (more time for a copy), all 8 predicted
+        (f"edgemoe vram {pct} warm, pinned, 2 layers ahead", dict(vram, io="pinned", lookahead=2), False, {}),
+        (f"edgemoe vram {pct} warm, pinned, top-8 predicted", dict(vram, io="pinned", prefetch_top=8), False, {}),
         (f"edgemoe vram {pct} warm, pinned, hybrid", dict(vram, io="pinned", hybrid=True), False, {}),
         (f"edgemoe vram {pct} warm, pinned, hybrid, prefetch off",
          dict(vram, io="pinned", hybrid=True, prefetch="off"), False, {}),

@@ -55,6 +55,8 @@ def test_the_pinned_rows_change_only_the_io_and_the_named_setting():
     assert rows["edgemoe vram 25% warm, pinned, hybrid"] == dict(pinned, hybrid=True)
     assert rows["edgemoe vram 25% warm, pinned, hybrid, prefetch off"] == dict(pinned, hybrid=True, prefetch="off")
     assert rows["edgemoe vram auto, pinned"] == dict(pinned, expert_cache="auto")
+    assert rows["edgemoe vram 25% warm, pinned, 2 layers ahead"] == dict(pinned, lookahead=2)
+    assert rows["edgemoe vram 25% warm, pinned, top-8 predicted"] == dict(pinned, prefetch_top=8)
     assert sorted(label for label, kw in rows.items() if kw.get("io") == "pinned") == sorted(
         label for label in rows if ", pinned" in label)
 
