@@ -23,7 +23,7 @@ def test_n_cpu_moe_keeps_the_budget_share_of_layers_in_vram(n_layer, budget, n_c
     pct = f"{round(budget * 100)}%"
     assert rows[f"edgemoe vram {pct} warm"]["expert_pool"] == "vram"
     assert all(kw.get("expert_cache") == pct for label, kw in rows.items()
-               if label.startswith("edgemoe") and "auto" not in label)
+               if label.startswith("edgemoe") and "auto" not in label and label != gp.EQUAL_VRAM)
     assert rows["edgemoe vram auto, pinned"]["expert_cache"] == "auto"
 
 
@@ -55,6 +55,7 @@ def test_the_pinned_rows_change_only_the_io_and_the_named_setting():
     assert rows["edgemoe vram 25% warm, pinned, hybrid"] == dict(pinned, hybrid=True)
     assert rows["edgemoe vram 25% warm, pinned, hybrid, prefetch off"] == dict(pinned, hybrid=True, prefetch="off")
     assert rows["edgemoe vram auto, pinned"] == dict(pinned, expert_cache="auto")
+    assert rows[gp.EQUAL_VRAM] == dict(pinned, expert_cache=None)  # the run sets the bytes
     assert rows["edgemoe vram 25% warm, pinned, 2 layers ahead"] == dict(pinned, lookahead=2)
     assert rows["edgemoe vram 25% warm, pinned, top-8 predicted"] == dict(pinned, prefetch_top=8)
     assert sorted(label for label, kw in rows.items() if kw.get("io") == "pinned") == sorted(
@@ -86,3 +87,12 @@ def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
     assert "| edgemoe vram 25% warm | 25.00 | 0.50x | 2.00 | 0.50 | - | 4 | 6.46 | 2/2 | 1/2 |" in lines
     assert "| edgemoe vram 25% warm, hybrid | 75.00 | 1.50x | 2.00 | 0.60 | 0.40 | 3 | - | 1/2 | 2/2 |" in lines
     assert any(line.startswith("| edgemoe mapped 25% warm | error: boom") for line in lines)
+
+
+def test_the_equal_vram_pool_adds_what_stock_used_beyond_the_pinned_pool():
+    rows = [{"label": "gpu-all", "vram_bytes": 9_000}, {"label": "n-cpu-moe 6", "vram_bytes": 3_000},
+            {"label": "edgemoe vram 25% warm, pinned", "vram_bytes": 2_200}]
+    assert gp.equal_vram_budget(rows, 0.25, 8_000) == 2_000 + 800
+    assert gp.equal_vram_budget(rows[:2], 0.25, 8_000) is None  # the pinned row did not run
+    rows[1]["vram_bytes"] = 1_000  # never below the budget's own pool
+    assert gp.equal_vram_budget(rows, 0.25, 8_000) == 2_000
