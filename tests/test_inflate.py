@@ -111,6 +111,16 @@ def test_same_seed_same_bytes_other_seed_other_rows(inflated, tmp_path, capsys):
     assert not filecmp.cmp(other, inflated, shallow=False)
 
 
+@pytest.mark.parametrize("threads", [1, 5])
+def test_threads_do_not_change_the_bytes(inflated, tmp_path, capsys, threads):
+    """Tensors filled on several threads (the fixture: this machine's CPUs) are the bytes one
+    thread writes: each tensor's rows come from its own seeded generator."""
+    again = tmp_path / "again.gguf"
+    code, _, err = _cli(capsys, "inflate", DEFAULT, "-o", again, "--expert-ff", N_FF, "--seed", 7, "-t", threads)
+    assert code == 0, err
+    assert filecmp.cmp(again, inflated, shallow=False)
+
+
 # -- the model ----------------------------------------------------------------------------
 
 

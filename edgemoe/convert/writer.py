@@ -10,7 +10,8 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,9 +82,41 @@ class Progress:
             sys.stderr.flush()
 
 
+def _produced(tensors: List[TensorPlan], workers: int, ahead_bytes: int) -> Iterator[np.ndarray]:
+    """Each tensor's data, in order. With workers > 1 the next tensors are produced on threads
+    while earlier ones are written (numpy's random draws and quantization release the GIL),
+    holding at most ahead_bytes of produced-but-unwritten tensors beyond the one in hand."""
+    if workers <= 1:
+        for t in tensors:
+            yield t.produce()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgemoe-produce") as pool:
+        pending: deque = deque()
+        held = 0
+        i = 0
+        try:
+            while i < len(tensors) or pending:
+                while i < len(tensors) and len(pending) < workers and (
+                        not pending or held + tensors[i].nbytes <= ahead_bytes):
+                    pending.append((tensors[i].nbytes, pool.submit(tensors[i].produce)))
+                    held += tensors[i].nbytes
+                    i += 1
+                n, future = pending.popleft()
+                held -= n
+                yield future.result()
+        finally:
+            for _, future in pending:  # an error or a closed generator: start nothing more
+                future.cancel()
+
+
 def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], alignment: int,
-               label: str = "writing") -> int:
-    """Writes a complete GGUF to `path` (the caller's temporary file); returns its size."""
+               label: str = "writing", workers: int = 1, ahead_bytes: int = 1 << 30) -> int:
+    """Writes a complete GGUF to `path` (the caller's temporary file); returns its size.
+
+    workers > 1 produces tensors on that many threads, in order, ahead of the writes: only for
+    producers that are safe to run concurrently (each with its own state)."""
     if alignment < 32 or alignment & (alignment - 1):
         raise ConvertError(f"alignment {alignment} must be a power of two of at least 32")
     seen = set()
@@ -92,6 +125,7 @@ def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], al
             raise ConvertError(f"tensor {t.name} would be written twice")
         seen.add(t.name)
     progress = Progress(label, sum(t.nbytes for t in tensors))
+    produced = _produced(tensors, workers, ahead_bytes)
     try:
         w = gguf.GGUFWriter(path, arch)
         w.data_alignment = alignment
@@ -104,8 +138,7 @@ def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], al
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in tensors:
-            data = t.produce()
+        for t, data in zip(tensors, produced):
             if data.nbytes != t.nbytes:
                 raise ConvertError(f"tensor {t.name}: produced {data.nbytes} bytes, expected {t.nbytes}")
             w.write_tensor_data(data)
@@ -118,5 +151,6 @@ def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], al
             raise ConvertError(f"no space left on the device while writing {path}") from None
         raise ConvertError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
+        produced.close()  # waits for the threads still producing
         progress.finish()
     return os.path.getsize(path)
