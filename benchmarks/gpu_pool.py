@@ -1,8 +1,8 @@
 """Experts on the GPU (issue 13): edgemoe's CUDA slot pool against llama.cpp's own placements.
 
 A trained model (real routing; --source, the default model unless given) inflated to --size
-(8.5 GB: the default model's 8 MoE layers of 64 Q8_0 experts make 16.5 MB each, the deep
-model's 24 make 5.5 MB), every layer offloaded (-ngl 99), greedy decoding of -n tokens after each
+(8.5 GB: the default model's 8 MoE layers of 64 Q8_0 experts make 16.9 MB each, the deep
+model's 24 make 5.6 MB), every layer offloaded (-ngl 99), greedy decoding of -n tokens after each
 of --prompts held-out paragraphs. Each configuration runs in its own process:
 
   gpu-all       cache off, every expert in VRAM (stock -ngl 99)
@@ -19,8 +19,10 @@ of --prompts held-out paragraphs. Each configuration runs in its own process:
                 VRAM on the CPU from the mapped file while their loads go on behind
                 (Engine(hybrid=True)); its "CPU share" is the share of expert uses the CPU computed.
                 The pinned rows also vary the lookahead predictor's reach (two layers ahead;
-                all 8 predicted experts instead of 4). "vram auto" is --expert-cache auto: the pool sized from the GPU's free memory,
-                the cache off where every expert fits.
+                all 8 predicted experts instead of 4). "vram auto" is --expert-cache auto: the
+                pool sized from the GPU's free memory, the cache off where every expert fits.
+                "at n-cpu-moe's VRAM" grows the pinned pool by the VRAM stock's row used beyond
+                the pinned row's (stock holds a larger compute buffer).
 
 Decode tokens/s is the mean over the prompts of 1000 / TPOT (llama.cpp's t/s). VRAM is the
 device's free memory before the load less after it (weights, pool, KV and compute buffers). Each
@@ -56,16 +58,29 @@ SMALL = {"EDGEMOE_READ_PIECE_KIB": "1024"}  # pieces of 1 MiB instead of 2
 
 
 EQUAL_VRAM = "edgemoe vram at n-cpu-moe's VRAM, pinned"
+EQUAL_VRAM_PENDING = "set by the run"  # no budget parses as this: the row cannot run unset
 
 
-def equal_vram_budget(rows: list, budget: float, expert_bytes: int) -> int | None:
-    """The pool's bytes that make edgemoe's VRAM stock n-cpu-moe's: the budget's pool plus what
-    n-cpu-moe's row used beyond the pinned row at the budget (None before both have run)."""
+def pinned_label(budget: float) -> str:
+    return f"edgemoe vram {round(budget * 100)}% warm, pinned"
+
+
+def equal_vram_budget(rows: list, budget: float) -> int | None:
+    """The pool's bytes that make edgemoe's VRAM stock n-cpu-moe's: the pinned row's pool plus
+    what the n-cpu-moe row used beyond that row's VRAM (None unless both ran)."""
     ncpu = next((r for r in rows if r["label"].startswith("n-cpu-moe") and "vram_bytes" in r), None)
-    pinned = next((r for r in rows if r["label"].endswith("warm, pinned") and "vram_bytes" in r), None)
+    pinned = next((r for r in rows if r["label"] == pinned_label(budget) and "pool_bytes" in r), None)
     if ncpu is None or pinned is None:
         return None
-    return round(budget * expert_bytes) + max(0, ncpu["vram_bytes"] - pinned["vram_bytes"])
+    return pinned["pool_bytes"] + max(0, ncpu["vram_bytes"] - pinned["vram_bytes"])
+
+
+def inflated_from(model: Path) -> str | None:
+    """The source name `edgemoe inflate` recorded in a model it wrote."""
+    from edgemoe.info import describe
+
+    keys = describe(str(model)).inflate or {}
+    return keys.get("source_name")
 
 
 def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> list:
@@ -90,11 +105,11 @@ def configs(n_moe_layer: int, budget: float, io_threads: int, n_cpus: int) -> li
         (f"edgemoe vram {pct} warm, mmap", dict(vram, io="mmap"), False, {}),
         (f"edgemoe vram {pct} warm, hybrid", dict(vram, hybrid=True), False, {}),
         # pinned: the GPU DMAs misses out of the pinned file, so the I/O threads copy nothing
-        (f"edgemoe vram {pct} warm, pinned", dict(vram, io="pinned"), False, {}),
+        (pinned_label(budget), dict(vram, io="pinned"), False, {}),
         (f"edgemoe vram {pct} warm, pinned, prefetch off", dict(vram, io="pinned", prefetch="off"), False, {}),
         # stock n-cpu-moe's VRAM also holds a larger compute buffer: the pool grown by the difference
         # (the run sets the bytes from the two rows' measured VRAM; EQUAL_VRAM marks it)
-        (EQUAL_VRAM, dict(vram, io="pinned", expert_cache=None), False, {}),
+        (EQUAL_VRAM, dict(vram, io="pinned", expert_cache=EQUAL_VRAM_PENDING), False, {}),
         (f"edgemoe vram {pct} warm, pinned, {2 * io_threads} I/O threads",
          dict(vram, io="pinned", n_io_threads=2 * io_threads), False, {}),
         (f"edgemoe vram {pct} warm, pinned, whole-expert reads", dict(vram, io="pinned"), False, WHOLE),
@@ -143,20 +158,25 @@ def child(spec: dict) -> dict:
                     cpu_share=cpu_share,
                     load_s=load_s, texts=texts, hit_rate=stats.hit_rate, expert_pool=stats.expert_pool,
                     bytes_read_per_token=(stats.bytes_read / max(1, len(texts) * spec["n_gen"])), decode=decode,
-                    auto=e.auto_budget.describe() if e.auto_budget else None)
+                    auto=e.auto_budget.describe() if e.auto_budget else None,
+                    pool_bytes=stats.expert_cache_bytes)
 
 
 def run(args) -> list:
     from edgemoe.cache import inspect_gpu, inspect_model
 
     model = ensure_model(Path(args.model), args.size, Path(args.source))
+    source = inflated_from(model)
+    if source != Path(args.source).name:
+        sys.exit(f"gpu_pool: error: {model} was inflated from {source}, not from --source "
+                 f"{Path(args.source).name}; remove it or give another --model")
     info = inspect_model(model)
     gpu = inspect_gpu()
     prompts_file = write_prompts(Path(args.model).with_suffix(".prompts.jsonl"), args.prompts)
     prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()]
     rows = []
     out = open(args.out, "w") if args.out else None
-    head = dict(model=str(model), source=Path(args.source).name, file_bytes=model.stat().st_size,
+    head = dict(model=str(model), source=source, file_bytes=model.stat().st_size,
                 expert_bytes=info.expert_bytes,
                 n_moe_layer=info.n_moe_layer, n_expert=info.n_expert, n_expert_used=info.n_expert_used,
                 gpu=gpu.description, n_gen=args.n_gen, prompts=len(prompts), io_threads=args.io_threads)
@@ -168,8 +188,13 @@ def run(args) -> list:
         if args.rows and label != "gpu-all" and not label.startswith("n-cpu-moe") and label not in args.rows:
             continue
         if label == EQUAL_VRAM:
-            pool = equal_vram_budget(rows, args.budget, info.expert_bytes)
+            pool = equal_vram_budget(rows, args.budget)
             if pool is None:
+                why = f"needs the n-cpu-moe and '{pinned_label(args.budget)}' rows"
+                row = dict(label=label, kw=kw, env=env, error=[why])
+                rows.append(row)
+                if out:
+                    out.write(json.dumps(row) + "\n")
                 continue
             kw = dict(kw, expert_cache=pool)
         if cold:

@@ -55,7 +55,7 @@ def test_the_pinned_rows_change_only_the_io_and_the_named_setting():
     assert rows["edgemoe vram 25% warm, pinned, hybrid"] == dict(pinned, hybrid=True)
     assert rows["edgemoe vram 25% warm, pinned, hybrid, prefetch off"] == dict(pinned, hybrid=True, prefetch="off")
     assert rows["edgemoe vram auto, pinned"] == dict(pinned, expert_cache="auto")
-    assert rows[gp.EQUAL_VRAM] == dict(pinned, expert_cache=None)  # the run sets the bytes
+    assert rows[gp.EQUAL_VRAM] == dict(pinned, expert_cache=gp.EQUAL_VRAM_PENDING)  # the run sets the bytes
     assert rows["edgemoe vram 25% warm, pinned, 2 layers ahead"] == dict(pinned, lookahead=2)
     assert rows["edgemoe vram 25% warm, pinned, top-8 predicted"] == dict(pinned, prefetch_top=8)
     assert sorted(label for label, kw in rows.items() if kw.get("io") == "pinned") == sorted(
@@ -91,8 +91,29 @@ def test_report_gives_ratios_to_n_cpu_moe_and_same_text():
 
 def test_the_equal_vram_pool_adds_what_stock_used_beyond_the_pinned_pool():
     rows = [{"label": "gpu-all", "vram_bytes": 9_000}, {"label": "n-cpu-moe 6", "vram_bytes": 3_000},
-            {"label": "edgemoe vram 25% warm, pinned", "vram_bytes": 2_200}]
-    assert gp.equal_vram_budget(rows, 0.25, 8_000) == 2_000 + 800
-    assert gp.equal_vram_budget(rows[:2], 0.25, 8_000) is None  # the pinned row did not run
-    rows[1]["vram_bytes"] = 1_000  # never below the budget's own pool
-    assert gp.equal_vram_budget(rows, 0.25, 8_000) == 2_000
+            {"label": "edgemoe vram 25% warm, pinned, prefetch off", "vram_bytes": 2_100, "pool_bytes": 1_900},
+            {"label": "edgemoe vram 25% warm, pinned", "vram_bytes": 2_200, "pool_bytes": 2_000}]
+    assert gp.equal_vram_budget(rows, 0.25) == 2_000 + 800  # the pinned row's pool, not its variant's
+    assert gp.equal_vram_budget(rows[:3], 0.25) is None  # the pinned row did not run
+    assert gp.equal_vram_budget(rows[:1] + rows[2:], 0.25) is None  # nor n-cpu-moe
+    assert gp.equal_vram_budget(rows[:3] + [{"label": rows[3]["label"], "error": ["x"]}], 0.25) is None
+    rows[1]["vram_bytes"] = 1_000  # never below the pinned row's own pool
+    assert gp.equal_vram_budget(rows, 0.25) == 2_000
+
+
+def test_the_placeholder_budget_cannot_run():
+    from edgemoe.budget import parse_budget
+    from edgemoe.errors import BudgetParseError
+
+    with pytest.raises(BudgetParseError):
+        parse_budget(gp.EQUAL_VRAM_PENDING)
+
+
+def test_the_source_of_a_model_is_what_inflate_recorded(tmp_path):
+    from edgemoe.inflate import inflate
+
+    default = REPO / "models" / "edgemoe-tiny-q8_0.gguf"
+    assert gp.inflated_from(default) is None  # trained, not inflated
+    out = tmp_path / "wide.gguf"
+    inflate(default, out, expert_ff=64)
+    assert gp.inflated_from(out) == default.name
