@@ -81,7 +81,7 @@ PRESETS: Dict[str, Preset] = {
     # layers, Qwen-MoE 24): half the tiny preset's width so the Q8_0 GGUF stays under 40 MB; the
     # same routing shape, to be inflated to GPU sizes. 24k tokens a step. On the H200 with bf16
     # autocast it diverged (a NaN loss) at step 47 with lr 2e-3 and at step 206 with 1e-3, hence
-    # a lower rate and float32 (a step costs its kernel launches, not its arithmetic).
+    # a lower rate and float32 (its speed on the GPU not yet measured).
     "deep": Preset(n_layer=24, hidden=128, n_head=2, n_kv_head=1, head_dim=64, n_expert=64, top_k=8,
                    expert_ff=32, seq_len=512, batch_size=48, steps=500, lr=6e-4, warmup=100,
                    eval_every=50, bf16=False),
@@ -147,9 +147,10 @@ def model_config(p: Preset, vocab_size: int, eot: int, experts: str = "auto"):
 
 
 def clear_unwritten_expert_grads(model) -> None:
-    """grouped_mm's backward does not write the weight gradient of an expert that got no token in
-    the batch; deterministic mode fills that unwritten memory with NaN, which clipping would then
-    spread to every weight. That expert's true gradient is zero (it computed nothing)."""
+    """grouped_mm's backward may leave the weight gradient of an expert that got no token in the
+    batch unwritten (pytorch/pytorch#154557); deterministic mode, on here, fills unwritten memory
+    with NaN, which clipping would spread to every weight. That expert's true gradient is zero.
+    (Without deterministic mode the memory would be arbitrary, possibly finite, values.)"""
     for name, t in model.named_parameters():
         if ".experts." in name and t.grad is not None:
             t.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -287,7 +288,7 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
             outp = model(input_ids=x, labels=x, output_router_logits=True)
         loss = outp.loss
         # a diverged run's weights stay NaN, so a check every few steps finds it; a check every
-        # step waits for the GPU each step (the deep preset: 0.9 s a step with it, 0.46 without)
+        # step would make the CPU wait for the GPU instead of queueing the next step's kernels
         if (step + 1) % FINITE_CHECK_EVERY == 0 and not torch.isfinite(loss.detach()):
             raise TrainError(f"the loss is not finite at step {step + 1}: the run diverged")
         opt.zero_grad(set_to_none=True)
@@ -303,6 +304,8 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
         out_of_time = (max_minutes is not None and elapsed > max_minutes * 60) or step + 1 == stop_at
         if (step + 1) % p.eval_every == 0 or last or out_of_time:
             valid_loss = mean_loss(model, valid, device, p.batch_size, autocast)
+            if not math.isfinite(valid_loss):  # an update since the last check diverged: save nothing
+                raise TrainError(f"the valid loss is not finite at step {step + 1}: the run diverged")
             aux = float(outp.aux_loss.detach())
             lm = float(loss.detach()) - p.aux_loss_coef * aux
             entry = {"step": step + 1, "tokens_seen": tokens_seen, "train_lm_loss": lm, "aux_loss": aux,
@@ -311,7 +314,8 @@ def train(p: Preset, corpus: Path, tokenizer_dir: Path, out: Path, seed: int, de
             history.append(entry)
             log(json.dumps(entry))
             state = {"preset": dataclasses.asdict(p), "seed": seed, "device": _device_name(device),
-                     "experts": model.config._experts_implementation, "torch": torch.__version__, "n_params": n_params, "history": history, **entry}
+                     "experts": model.config._experts_implementation, "torch": torch.__version__,
+                     "n_params": n_params, "history": history, **entry}
             if valid_loss < best["valid_loss"]:
                 best = {"valid_loss": valid_loss, "step": step + 1}
                 save_checkpoint(model, tokenizer_dir, out / "best", {**state, "best": best})

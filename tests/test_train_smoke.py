@@ -123,16 +123,34 @@ def _train_module():
     return train_tiny
 
 
-def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
-    """A learning rate far too large: the run stops with TrainError at the step whose loss is not
-    finite, before any checkpoint of NaN weights is written."""
+def test_a_diverging_run_stops_with_no_checkpoint(tmp_path):
+    """A learning rate far too large: the run stops with TrainError at the first check of a
+    non-finite loss, before any checkpoint of NaN weights is written."""
     import dataclasses
 
     tt = _train_module()
     preset = dataclasses.replace(tt.PRESETS["smoke"], lr=1e9, warmup=1)
     with pytest.raises(tt.TrainError, match="not finite at step"):
         tt.train(preset, MODELS / "corpus", MODELS / "tokenizer", tmp_path / "r", 1, "cpu", None, log=lambda s: None)
-    assert not (tmp_path / "r" / "best").exists()
+    assert not (tmp_path / "r" / "best").exists() and not (tmp_path / "r" / "last").exists()
+
+
+@pytest.mark.parametrize("eval_every", [3, 10])
+def test_a_run_diverging_between_checks_saves_no_nan_checkpoint(tmp_path, eval_every):
+    """An evaluation that comes before the next loss check (every 3 steps) or at it (10) finds the
+    valid loss not finite and stops before saving: neither best/ nor last/ holds NaN weights."""
+    import dataclasses
+
+    tt = _train_module()
+    preset = dataclasses.replace(tt.PRESETS["smoke"], lr=1e9, warmup=1, eval_every=eval_every)
+    with pytest.raises(tt.TrainError, match="not finite at step"):
+        tt.train(preset, MODELS / "corpus", MODELS / "tokenizer", tmp_path / "r", 1, "cpu", None, log=lambda s: None)
+    for ckpt in ("best", "last"):
+        if (tmp_path / "r" / ckpt).exists():
+            from safetensors.numpy import load_file
+
+            for f in (tmp_path / "r" / ckpt).glob("*.safetensors"):
+                assert all(np.isfinite(v).all() for v in load_file(str(f)).values()), (ckpt, f.name)
 
 
 def test_unwritten_expert_grads_are_cleared_and_others_kept():
