@@ -16,8 +16,8 @@ from edgemoe.convert.writer import TensorPlan, _produced, write_gguf
 
 
 class _Producers:
-    """Producers of 1 KiB f32 tensors whose values name them; they record how many bytes are
-    produced and not yet taken by the writer (an upper bound: counted from the start)."""
+    """Producers of 1 KiB f32 tensors whose values are their index; they record which have
+    started, and the last one fails when asked to."""
 
     def __init__(self, n: int, fail_at: int = -1):
         self.lock = threading.Lock()
@@ -58,8 +58,22 @@ def test_production_ahead_stays_within_the_bound():
             assert len(p.started) <= k + 2, (k, p.started)
 
 
+def _producer_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("edgemoe-produce")]
+
+
 def test_a_failing_producer_stops_the_write(tmp_path):
     p = _Producers(12, fail_at=4)
     with pytest.raises(RuntimeError, match="producer 4 failed"):
         write_gguf(str(tmp_path / "x.gguf"), "llama", [], p.plans, 32, workers=3, ahead_bytes=1 << 20)
-    assert max(p.started) < 4 + 3 + 1  # nothing beyond the tensors already in flight
+    assert max(p.started) <= 4 + 2  # at most the 3 in flight when tensor 4 was taken
+    assert not _producer_threads()  # the pool was shut down, its threads joined
+
+
+def test_a_reader_that_stops_early_leaves_no_thread():
+    p = _Producers(10)
+    gen = _produced(p.plans, 3, 1 << 20)
+    assert next(gen)[0] == 0
+    gen.close()
+    assert not _producer_threads()
+    assert len(p.started) <= 1 + 3

@@ -111,6 +111,17 @@ def test_same_seed_same_bytes_other_seed_other_rows(inflated, tmp_path, capsys):
     assert not filecmp.cmp(other, inflated, shallow=False)
 
 
+def test_q8_0_rows_are_gguf_s_own_quantization():
+    from gguf import GGMLQuantizationType as QType
+
+    from edgemoe.inflate import _quantize
+
+    x = np.random.default_rng(3).standard_normal((96, 384)).astype(np.float32)
+    x[5] = 0.0  # a zero block: scale 0
+    x[7, :32] *= 1e4
+    assert np.array_equal(_quantize(x, QType.Q8_0), gguf.quants.quantize(x, QType.Q8_0))
+
+
 @pytest.mark.parametrize("threads", [1, 5])
 def test_threads_do_not_change_the_bytes(inflated, tmp_path, capsys, threads):
     """Tensors filled on several threads (the fixture: this machine's CPUs) are the bytes one
@@ -272,6 +283,7 @@ def test_fused_gate_up_widens_both_halves_and_biases(tmp_path):
     (["--size", "auto"], ("must be bytes",)),
     (["--size", "lots"], ("invalid --size",)),
     (["--expert-ff", "64", "--align", "1000"], ("power of two",)),
+    (["--expert-ff", "64", "-t", "-1"], ("-t",)),
 ])
 def test_bad_widths_are_refused_whole(tmp_path, capsys, args, needles):
     code, _, err = _cli(capsys, "inflate", DEFAULT, "-o", tmp_path / "out.gguf", *args)
@@ -328,3 +340,11 @@ def test_shared_experts_tied_to_the_expert_width_grow_by_zeros(tmp_path, gpt2_vo
         with Engine(path, n_ctx=64, n_threads=N_THREADS, kv_type="f32") as e:
             logits.append(e.eval(tokens))
     assert np.array_equal(logits[1], logits[0])
+
+
+def test_negative_threads_are_refused_before_writing(tmp_path):
+    from edgemoe.errors import ConvertError
+
+    with pytest.raises(ConvertError, match="--threads -1"):
+        inflate(DEFAULT, tmp_path / "out.gguf", expert_ff=64, threads=-1)
+    assert os.listdir(tmp_path) == []

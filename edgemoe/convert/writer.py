@@ -82,10 +82,14 @@ class Progress:
             sys.stderr.flush()
 
 
+AHEAD_BYTES = 1 << 30  # tensors produced ahead of the writes, at most (with several workers)
+
+
 def _produced(tensors: List[TensorPlan], workers: int, ahead_bytes: int) -> Iterator[np.ndarray]:
     """Each tensor's data, in order. With workers > 1 the next tensors are produced on threads
-    while earlier ones are written (numpy's random draws and quantization release the GIL),
-    holding at most ahead_bytes of produced-but-unwritten tensors beyond the one in hand."""
+    while earlier ones are written (large numpy calls release the interpreter's lock). Besides
+    the tensor the caller holds, the ones started and not yet handed over stay within
+    ahead_bytes (one at least)."""
     if workers <= 1:
         for t in tensors:
             yield t.produce()
@@ -107,12 +111,12 @@ def _produced(tensors: List[TensorPlan], workers: int, ahead_bytes: int) -> Iter
                 held -= n
                 yield future.result()
         finally:
-            for _, future in pending:  # an error or a closed generator: start nothing more
+            for _, future in pending:  # an error or a closed generator: nothing queued starts
                 future.cancel()
 
 
 def write_gguf(path: str, arch: str, kv: List[KV], tensors: List[TensorPlan], alignment: int,
-               label: str = "writing", workers: int = 1, ahead_bytes: int = 1 << 30) -> int:
+               label: str = "writing", workers: int = 1, ahead_bytes: int = AHEAD_BYTES) -> int:
     """Writes a complete GGUF to `path` (the caller's temporary file); returns its size.
 
     workers > 1 produces tensors on that many threads, in order, ahead of the writes: only for
