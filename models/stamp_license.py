@@ -1,7 +1,7 @@
 """Adds a shipped model's license and source keys (`general.license`, `general.source`), which
 `edgemoe info` shows, re-emitting every other key and every tensor byte for byte with edgemoe's
 GGUF writer (which also stamps `edgemoe.version`). The model cards in models/cards/ say what the
-keys mean. Refuses, leaving FILE untouched, if any tensor would change.
+keys mean; `--name` also replaces `general.name`. Refuses, leaving FILE untouched, if any tensor would change.
 
     python models/stamp_license.py models/edgemoe-tiny-q8_0.gguf --source "..."
 """
@@ -23,10 +23,13 @@ from edgemoe.files import discard, publish, temp_beside
 LICENSE = "MIT"
 
 
-def stamp(path: str, source: str, license_: str = LICENSE) -> int:
+def stamp(path: str, source: str, license_: str = LICENSE, name: str | None = None) -> int:
     plan = plan_gguf(path)
-    kv = [item for item in plan.kv if item[0] not in ("general.license", "general.source")]
+    replaced = {"general.license", "general.source"} | ({"general.name"} if name else set())
+    kv = [item for item in plan.kv if item[0] not in replaced]
     kv += [("general.license", license_, VT.STRING, None), ("general.source", source, VT.STRING, None)]
+    if name:  # a checkpoint converted from a folder such as best/ is named after the folder
+        kv.append(("general.name", name, VT.STRING, None))
     fd, tmp = temp_beside(path)
     os.close(fd)
     try:
@@ -47,8 +50,9 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--source", required=True, help="where the weights come from (general.source)")
     ap.add_argument("--license", default=LICENSE, help="the weights' license (general.license)")
+    ap.add_argument("--name", help="the model's name (general.name); default: keep")
     args = ap.parse_args()
-    size = stamp(args.model, args.source, args.license)
+    size = stamp(args.model, args.source, args.license, args.name)
     print(f"{args.model}: {size:,} B", file=sys.stderr)
 
 
