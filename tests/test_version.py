@@ -107,7 +107,7 @@ def test_bench_rows_carry_the_version_and_llama_cpp_commit():
 
 
 @pytest.mark.parametrize("name", ["edgemoe-tiny-q8_0.gguf", "edgemoe-tiny-remoe-q8_0.gguf",
-                                  "edgemoe-tiny-readme-q8_0.gguf"])
+                                  "edgemoe-tiny-readme-q8_0.gguf", "edgemoe-deep-q8_0.gguf"])
 def test_shipped_models_carry_license_and_source(name):
     from edgemoe.info import describe
 
