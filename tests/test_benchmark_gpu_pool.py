@@ -117,3 +117,13 @@ def test_the_source_of_a_model_is_what_inflate_recorded(tmp_path):
     out = tmp_path / "wide.gguf"
     inflate(default, out, expert_ff=64)
     assert gp.inflated_from(out) == default.name
+
+
+def test_the_default_source_is_the_shipped_24_layer_model():
+    """Issue 13's figures need 24+ MoE layers with a trained router: the default --source."""
+    from edgemoe.info import describe
+
+    r = describe(str(gp.DEEP))
+    assert r.license == "MIT" and gp.inflated_from(gp.DEEP) is None  # trained and shipped, not inflated
+    assert len(r.moe_layers) == r.n_layer == 24
+    assert (r.n_expert, r.n_expert_used) == (64, 8)
