@@ -31,7 +31,7 @@ row counts the prompts whose text equals gpu-all's, and n-cpu-moe's (the stock c
 VRAM).
 
     python benchmarks/gpu_pool.py --out benchmarks/out/gpu-deep.jsonl      (on a CUDA build)
-    python benchmarks/gpu_pool.py --report benchmarks/out/gpu-pool.jsonl
+    python benchmarks/gpu_pool.py --report benchmarks/out/gpu-deep.jsonl
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def report(lines: list) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "benchmarks" / "out" / "deep-inflated-8.5g.gguf"))
     ap.add_argument("--size", default="8.5GB")
@@ -266,7 +266,11 @@ def main() -> None:
     ap.add_argument("--out", help="JSON lines: a head line, then a row per configuration")
     ap.add_argument("--report", metavar="JSONL", help="print the markdown table of an earlier --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return

@@ -1,9 +1,10 @@
 """Adds a shipped model's license and source keys (`general.license`, `general.source`), which
 `edgemoe info` shows, re-emitting every other key and every tensor byte for byte with edgemoe's
 GGUF writer (which also stamps `edgemoe.version`). The model cards in models/cards/ say what the
-keys mean; `--name` also replaces `general.name`. Refuses, leaving FILE untouched, if any tensor would change.
+keys mean; `--name` also replaces `general.name`. Refuses, leaving FILE untouched, if any
+tensor would change.
 
-    python models/stamp_license.py models/edgemoe-tiny-q8_0.gguf --source "..."
+    python models/stamp_license.py models/edgemoe-tiny-q8_0.gguf --source "..." [--name NAME]
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ LICENSE = "MIT"
 
 def stamp(path: str, source: str, license_: str = LICENSE, name: str | None = None) -> int:
     plan = plan_gguf(path)
-    replaced = {"general.license", "general.source"} | ({"general.name"} if name else set())
+    replaced = {"general.license", "general.source"}
+    if name:
+        replaced.add("general.name")
     kv = [item for item in plan.kv if item[0] not in replaced]
     kv += [("general.license", license_, VT.STRING, None), ("general.source", source, VT.STRING, None)]
     if name:  # a checkpoint converted from a folder such as best/ is named after the folder

@@ -1,5 +1,6 @@
 """benchmarks/gpu_pool.py's pure parts: which configurations it compares (equal VRAM for the
-stock --n-cpu-moe row) and its table (nothing is loaded or run here)."""
+stock --n-cpu-moe row), its table and its default model (GGUF headers are read; no model is
+loaded or run here)."""
 
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def test_the_default_source_is_the_shipped_24_layer_model():
     """Issue 13's figures need 24+ MoE layers with a trained router: the default --source."""
     from edgemoe.info import describe
 
-    r = describe(str(gp.DEEP))
-    assert r.license == "MIT" and gp.inflated_from(gp.DEEP) is None  # trained and shipped, not inflated
+    source = gp.parser().parse_args([]).source
+    assert source == str(gp.DEEP)
+    r = describe(source)
+    assert gp.inflated_from(gp.DEEP) is None  # trained, not inflated
     assert len(r.moe_layers) == r.n_layer == 24
     assert (r.n_expert, r.n_expert_used) == (64, 8)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 from gguf import GGUFReader
@@ -48,3 +50,13 @@ def test_stamp_without_a_name_keeps_the_name(tiny_models, tmp_path):
     old_name = _value(GGUFReader(str(path)), "general.name")
     _script().stamp(str(path), "made here")
     assert _value(GGUFReader(str(path)), "general.name") == old_name
+
+
+def test_the_command_passes_name_and_source(tiny_models, tmp_path):
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(tiny_models["qwen3moe"], path)
+    proc = subprocess.run([sys.executable, str(REPO / "models" / "stamp_license.py"), str(path),
+                           "--source", "from a test", "--name", "named"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    reader = GGUFReader(str(path))
+    assert (_value(reader, "general.source"), _value(reader, "general.name")) == ("from a test", "named")
