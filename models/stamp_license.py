@@ -26,13 +26,11 @@ LICENSE = "MIT"
 
 def stamp(path: str, source: str, license_: str = LICENSE, name: str | None = None) -> int:
     plan = plan_gguf(path)
-    replaced = {"general.license", "general.source"}
-    if name:
-        replaced.add("general.name")
-    kv = [item for item in plan.kv if item[0] not in replaced]
-    kv += [("general.license", license_, VT.STRING, None), ("general.source", source, VT.STRING, None)]
+    keys = {"general.license": license_, "general.source": source}
     if name:  # a checkpoint converted from a folder such as best/ is named after the folder
-        kv.append(("general.name", name, VT.STRING, None))
+        keys["general.name"] = name
+    kv = [item for item in plan.kv if item[0] not in keys]
+    kv += [(key, value, VT.STRING, None) for key, value in keys.items()]
     fd, tmp = temp_beside(path)
     os.close(fd)
     try:
